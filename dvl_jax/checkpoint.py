@@ -1,0 +1,78 @@
+"""A converted checkpoint on disk: an Orbax checkpoint of the params plus our model config.
+
+Layout of a checkpoint directory:
+  params/            Orbax (StandardCheckpointer) pytree of the params, as `DeepseekVL.init` lays them out
+  dvl_config.json    the ModelConfig (`{"format": ..., "model": ModelConfig.to_dict()}`)
+  *.json, ...        tokenizer, processor and generation files copied from the source checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dvl_jax.config import ModelConfig
+
+CONFIG_FILE = "dvl_config.json"
+PARAMS_DIR = "params"
+FORMAT = "dvl_jax/1"
+
+
+def save(path: str | os.PathLike, params: Any, config: ModelConfig) -> None:
+  """Writes params (a pytree of numpy or jax arrays) and the config to a new directory `path`."""
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(path, PARAMS_DIR), params)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump({"format": FORMAT, "model": config.to_dict()}, f, indent=2)
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+  """Reads the ModelConfig of a converted checkpoint, with a helpful error when `path` is not one."""
+  path = os.fspath(path)
+  file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"No checkpoint directory at {path!r}.")
+  if not os.path.isfile(file):
+    hint = (" It looks like a PyTorch/transformers checkpoint: convert it first with "
+            f"`python convert/torch_to_orbax.py --src {path} --dst OUT_DIR`."
+            if os.path.isfile(os.path.join(path, "config.json")) else "")
+    raise FileNotFoundError(f"{path!r} is not a dvl_jax checkpoint: it has no {CONFIG_FILE}.{hint}")
+  with open(file) as f:
+    data = json.load(f)
+  if data.get("format") != FORMAT:
+    raise ValueError(f"{file} has format {data.get('format')!r}; this dvl_jax reads {FORMAT!r}. "
+                     "Re-convert the source checkpoint with convert/torch_to_orbax.py.")
+  return ModelConfig.from_dict(data["model"])
+
+
+def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+  """Restores the params into the shapes, dtypes and shardings of `abstract_params` (ShapeDtypeStructs).
+
+  Stored dtypes are cast to the requested ones (a bfloat16 checkpoint restores as float32 if asked).
+  """
+  params_dir = os.path.abspath(os.path.join(os.fspath(path), PARAMS_DIR))
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"The checkpoint {os.fspath(path)!r} has no {PARAMS_DIR}/ directory; it is incomplete. "
+                            "Re-run convert/torch_to_orbax.py.")
+  checkpointer = ocp.StandardCheckpointer()
+  stored = checkpointer.metadata(params_dir).item_metadata.tree
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+  if want != have:
+    diff = sorted(f"{k}: stored {have.get(k)}, config wants {want.get(k)}"
+                  for k in set(want) | set(have) if want.get(k) != have.get(k))
+    raise ValueError(f"The params in {params_dir} do not match {CONFIG_FILE}:\n  " + "\n  ".join(diff[:20]))
+  return checkpointer.restore(params_dir, abstract_params)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+  """'float32' | 'bfloat16' | 'float16' -> numpy dtype (bfloat16 through ml_dtypes)."""
+  return np.dtype(jax.numpy.dtype(name))

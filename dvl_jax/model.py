@@ -1,0 +1,144 @@
+"""The user-facing model: a config, its params and jitted entry points. `load()` restores a converted checkpoint.
+
+  model = dvl_jax.load("ckpt/deepseek-vl-1.3b-chat")
+  logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)  # [B, T, V]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dvl_jax import checkpoint
+from dvl_jax.config import ModelConfig
+from dvl_jax.nn.kv_cache import KVCache
+from dvl_jax.nn.vlm import DeepseekVL
+
+
+def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, ...]:
+  s = config.vision.image_size
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return ids, jnp.ones((1, 1), jnp.int32), ids, jnp.zeros((1, 1, s, s, 3), jnp.float32)
+
+
+def abstract_params(config: ModelConfig) -> Any:
+  """The params' ShapeDtypeStructs, with no memory allocated (jax.eval_shape of init)."""
+  module = DeepseekVL(config)
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *_dummy_inputs(config))["params"])
+  return nn.meta.unbox(boxed)
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> Any:
+  """Random params (normal(0.02) weights, unit norms), as a plain nested dict of arrays."""
+  module = DeepseekVL(config)
+  return nn.meta.unbox(jax.jit(module.init)(jax.random.key(seed), *_dummy_inputs(config))["params"])
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """RoPE positions of a (left-)padded batch, as transformers' generate: cumsum(mask) - 1, 1 at padding."""
+  pos = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+  return jnp.where(attention_mask == 0, 1, pos)
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+  """The value of x as numpy when it is known on the host (not a tracer), else None."""
+  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+class Model:
+  """A DeepSeek-VL model with its params.
+
+  Attributes:
+    config: the ModelConfig.
+    params: plain nested dict of arrays, as `DeepseekVL(config).init` lays them out.
+    module: the Flax module.
+  """
+
+  def __init__(self, config: ModelConfig, params: Any):
+    self.config = config
+    self.params = params
+    self.module = DeepseekVL(config)
+    self._forward = jax.jit(self.module.apply, donate_argnames=("cache",))
+
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    """An empty KV cache for `batch_size` rows and `max_len` slots, in the compute dtype."""
+    return KVCache.init(self.config.text, batch_size, max_len, jnp.dtype(self.config.dtype))
+
+  def check_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None) -> None:
+    """Raises a ValueError that names the problem when the inputs do not fit the model."""
+    cfg = self.config
+    shape = np.shape(input_ids)
+    if len(shape) != 2:
+      raise ValueError(f"input_ids must be [batch, seq_len]; got shape {shape}.")
+    if attention_mask is not None and np.shape(attention_mask) != shape:
+      raise ValueError(f"attention_mask shape {np.shape(attention_mask)} differs from input_ids shape {shape}.")
+    if pixel_values is not None:
+      s = cfg.vision.image_size
+      ps = np.shape(pixel_values)
+      if len(ps) != 5 or ps[0] != shape[0] or ps[2:] != (s, s, 3):
+        raise ValueError(f"pixel_values must be [batch={shape[0]}, num_images, {s}, {s}, 3] (channels-last, "
+                         f"one slot per image of the row); got shape {ps}.")
+    ids = _concrete(input_ids)
+    if ids is None:
+      return
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= cfg.text.vocab_size:
+      raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); got values from {ids.min()} to "
+                       f"{ids.max()}.")
+    per_image = cfg.tokens_per_image
+    counts = (ids == cfg.image_token_id).sum(axis=1)
+    slots = 0 if pixel_values is None else np.shape(pixel_values)[1]
+    for row, count in enumerate(counts):
+      if count % per_image or count // per_image > slots:
+        raise ValueError(
+            f"Row {row} of input_ids has {count} image tokens (id {cfg.image_token_id}), but each image takes "
+            f"{per_image} tokens and pixel_values has {slots} image slot(s) per row: expected a multiple of "
+            f"{per_image} up to {slots * per_image}. Expand each image placeholder to {per_image} tokens and "
+            "pass one image per placeholder.")
+
+  def forward(self, input_ids, attention_mask=None, pixel_values=None, positions=None,
+              cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Logits and the updated cache. With a cache, the tokens are appended at `cache.end` (prefill or decode);
+    positions then default to continue each row's count of real tokens. The cache is donated."""
+    self.check_inputs(input_ids, attention_mask, pixel_values)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if positions is None:
+      positions = positions_from_mask(mask)
+      if cache is not None:
+        positions = positions + cache.next_positions()[:, None]
+    if pixel_values is not None:
+      pixel_values = jnp.asarray(pixel_values, jnp.dtype(self.config.dtype))
+    return self._forward({"params": self.params}, input_ids, mask, positions, pixel_values, cache)
+
+  def __call__(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None) -> jax.Array:
+    """Logits [B, T, V] of a forward pass without cache.
+
+    Args:
+      input_ids: int [B, T]; each image is `config.tokens_per_image` image tokens.
+      attention_mask: [B, T], 1 for real tokens, 0 for (left) padding; default all ones.
+      pixel_values: float [B, N, S, S, 3], normalised, channels-last; N is the most images in any row, and
+        a row with fewer images leaves its extra slots zero.
+      position_ids: int [B, T]; default from the attention mask (cumsum - 1), as transformers' generate.
+    """
+    return self.forward(input_ids, attention_mask, pixel_values, position_ids)[0]
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None) -> Model:
+  """Restores a checkpoint written by convert/torch_to_orbax.py.
+
+  Args:
+    path: the checkpoint directory.
+    dtype: "float32" | "bfloat16" | "float16" for both params and compute; default the checkpoint's.
+  """
+  config = checkpoint.read_config(path)
+  if dtype is not None:
+    config = config.replace(dtype=dtype, param_dtype=dtype)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params(config))
+  return Model(config, checkpoint.restore_params(path, target))

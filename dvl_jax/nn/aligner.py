@@ -1,0 +1,36 @@
+"""The projector from vision features to the decoder's embedding space.
+
+Ref: deepseek_vl/models/projector.py MlpProjector ("mlp_gelu"); transformers DeepseekVLAligner.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dvl_jax.config import AlignerConfig
+from dvl_jax.nn.layers import Dtype, Linear, gelu
+
+
+class MlpAligner(nn.Module):
+  """linear1 -> (GELU -> linear{i}) for i in 2..depth. [B, P, in_dim] -> [B, P, out_dim].
+
+  The hidden width is out_dim, so the hidden axis is named "mlp" and the output axis "embed".
+  """
+
+  config: AlignerConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+    for i in range(1, cfg.depth + 1):
+      if i > 1:
+        x = gelu(x)
+      out_axis, in_axis = ("embed" if i == cfg.depth else "mlp"), ("embed" if i == 1 else "mlp")
+      axes = (out_axis, in_axis if in_axis != out_axis else None)  # one logical name per kernel
+      x = Linear((cfg.out_dim,), axes, name=f"linear{i}", **kw)(x)
+    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))

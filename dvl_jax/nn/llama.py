@@ -1,0 +1,131 @@
+"""The LLaMA-style decoder of DeepSeek-VL: RMSNorm, rotate-half RoPE, GQA attention, SwiGLU, untied lm_head.
+
+The layers run under `nn.scan` (params carry a leading layer axis). The KV cache is an explicit argument
+and return value; the whole cache rides in the scan carry and each layer writes its own slice in place
+(returning per-layer caches as scan outputs would copy the whole cache every step).
+Ref: transformers LlamaForCausalLM.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dvl_jax.config import LlamaConfig
+from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention, rope_sin_cos
+from dvl_jax.nn.kv_cache import KVCache
+from dvl_jax.nn.layers import Dtype, Linear, RMSNorm, SwiGLU, default_init
+
+CacheKV = tuple[jax.Array, jax.Array] | None  # (k, v), each [L, B, K, S, H]
+
+
+class LlamaAttention(nn.Module):
+  """Ref: transformers LlamaAttention."""
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, cache_kv: CacheKV,
+               layer: jax.Array, write_index: jax.Array) -> tuple[jax.Array, CacheKV]:
+    """x: [B, T, D]; sin, cos: [B, T, H]; mask: bool [B, T, S]. Returns ([B, T, D], cache_kv)."""
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n, kvh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = Linear((n, h), ("heads", "head_dim", "embed"), name="q_proj", **kw)(x)  # [B, T, N, H]
+    k = Linear((kvh, h), ("kv_heads", "head_dim", "embed"), name="k_proj", **kw)(x)  # [B, T, K, H]
+    v = Linear((kvh, h), ("kv_heads", "head_dim", "embed"), name="v_proj", **kw)(x)
+    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    if cache_kv is not None:
+      cache_k, cache_v = cache_kv
+      start = (layer, 0, 0, write_index, 0)
+      cache_k = lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+      cache_v = lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+      k = lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)  # [B, K, S, H]
+      v = lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
+      cache_kv = (cache_k, cache_v)
+    out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
+    out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
+    out = Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="o_proj", **kw)(out)
+    return out, cache_kv
+
+
+class LlamaDecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Ref: transformers LlamaDecoderLayer."""
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry: tuple[jax.Array, CacheKV], layer: jax.Array, sin: jax.Array, cos: jax.Array,
+               mask: jax.Array, write_index: jax.Array):
+    """The scan body: carry (x [B, T, D], cache_kv), layer index []. Returns (carry, None)."""
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x, cache_kv = carry
+    h = RMSNorm(cfg.norm_eps, name="input_layernorm", **kw)(x)
+    h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, layer, write_index)
+    x = x + h
+    x = x + SwiGLU(cfg.mlp_dim, name="mlp", **kw)(RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **kw)(x))
+    x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+    return (x, cache_kv), None
+
+
+class LlamaDecoder(nn.Module):
+  """Token embedding, the scanned layers, final norm and lm_head."""
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=nn.with_logical_partitioning(
+        default_init, ("vocab", "embed")), **kw)
+    scanned = nn.scan(LlamaDecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    self.layers = scanned(cfg, **kw)
+    self.norm = RMSNorm(cfg.norm_eps, **kw)
+    self.lm_head = Linear((cfg.vocab_size,), ("vocab", "embed"), **kw)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """int [B, T] -> [B, T, D]."""
+    return self.embed_tokens(input_ids)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder over T new tokens.
+
+    Args:
+      x: input embeddings [B, T, D].
+      positions: int [B, T], RoPE positions (for a left-padded batch: cumsum(attention_mask) - 1).
+      attention_mask: [B, T], 1 for real tokens, 0 for padding.
+      cache: None for a plain forward (tokens attend only to each other, causally); otherwise the tokens
+        are written at slots [cache.end, cache.end + T) and attend to everything written before.
+    Returns:
+      (logits [B, T, V], the updated cache or None).
+    """
+    t = x.shape[1]
+    valid = attention_mask.astype(bool)
+    if cache is None:
+      write_index, cache_kv = jnp.zeros((), jnp.int32), None
+    else:
+      write_index, cache_kv = cache.end, (cache.k, cache.v)
+      valid = lax.dynamic_update_slice(cache.valid, valid, (0, write_index))  # [B, S]
+    mask = causal_mask(write_index + jnp.arange(t), valid)  # [B, T, S]
+    sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
+    x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "act_embed"))
+    layers = jnp.arange(self.config.num_layers)
+    (x, cache_kv), _ = self.layers((x, cache_kv), layers, sin, cos, mask, write_index)
+    logits = self.lm_head(self.norm(x))  # [B, T, V]
+    logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
+    if cache is not None:
+      cache = KVCache(k=cache_kv[0], v=cache_kv[1], valid=valid, end=write_index + t)
+    return logits, cache

@@ -1,0 +1,75 @@
+"""The SigLIP ViT as DeepSeek-VL uses it: the low-resolution (or only) image tower.
+
+Patch embedding (a stride-p convolution), learned absolute position embeddings, pre-norm blocks with exact
+GELU, and the final LayerNorm applied; no class token and no attention-pool head.
+Ref: deepseek_vl/models/siglip_vit.py VisionTransformer.forward_features; transformers SiglipVisionTransformer.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dvl_jax.config import SiglipConfig
+from dvl_jax.nn.attention import dot_product_attention
+from dvl_jax.nn.layers import Dtype, GeluMLP, LayerNorm, Linear, PatchEmbedding, default_init, param
+
+
+class SiglipAttention(nn.Module):
+  """Full (unmasked) multi-head attention with biases. Ref: transformers SiglipAttention."""
+
+  config: SiglipConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, P, D]
+    cfg = self.config
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+    n, h = cfg.num_heads, cfg.head_dim
+    q = Linear((n, h), ("heads", "head_dim", "embed"), name="q_proj", **kw)(x)  # [B, P, N, H]
+    k = Linear((n, h), ("heads", "head_dim", "embed"), name="k_proj", **kw)(x)
+    v = Linear((n, h), ("heads", "head_dim", "embed"), name="v_proj", **kw)(x)
+    out = dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # [B, P, N, H]
+    out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
+    return Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="out_proj", **kw)(out)
+
+
+class SiglipEncoderLayer(nn.Module):
+  """x + attn(ln1(x)), then x + mlp(ln2(x)). Ref: transformers SiglipEncoderLayer; timm Block."""
+
+  config: SiglipConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _=None):  # x: [B, P, D]; the signature of an nn.scan body
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + SiglipAttention(cfg, name="self_attn", **kw)(LayerNorm(cfg.norm_eps, name="layer_norm1", **kw)(x))
+    x = x + GeluMLP(cfg.mlp_dim, name="mlp", **kw)(LayerNorm(cfg.norm_eps, name="layer_norm2", **kw)(x))
+    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed")), None
+
+
+class SiglipVisionTower(nn.Module):
+  """Images [B, S, S, 3] (normalised, channels-last) -> features [B, P, D], P = (S / patch)^2."""
+
+  config: SiglipConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    p, d = cfg.patch_size, cfg.embed_dim
+    x = PatchEmbedding(p, d, name="patch_embedding", **kw)(pixels)  # [B, S/p, S/p, D]
+    x = x.reshape(x.shape[0], -1, d)  # [B, P, D], patches row-major
+    pos = param(self, "position_embedding", default_init, (cfg.num_patches, d), ("patches", "embed"),
+                self.param_dtype)
+    x = nn.with_logical_constraint(x + pos.astype(self.dtype), ("batch", "seq", "act_embed"))
+    scanned = nn.scan(SiglipEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(cfg, name="layers", **kw)(x, None)
+    return LayerNorm(cfg.norm_eps, name="post_layernorm", **kw)(x)

@@ -1,0 +1,76 @@
+"""DeepseekVL: encode the images, splice them into the token embeddings, run the decoder.
+
+Ref: deepseek_vl/models/modeling_vlm.py MultiModalityCausalLM.prepare_inputs_embeds;
+transformers DeepseekVLModel.forward.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dvl_jax.config import ModelConfig
+from dvl_jax.nn.aligner import MlpAligner
+from dvl_jax.nn.kv_cache import KVCache
+from dvl_jax.nn.llama import LlamaDecoder
+from dvl_jax.nn.siglip import SiglipVisionTower
+
+
+def splice_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
+  """Replaces, row by row and in order, the embeddings at image-token positions by the image features.
+
+  The k-th image token of row b takes features[b, k]: each row's images stay with that row, so a batch
+  splits over data-parallel devices. Callers check the counts (`Model` does, on the host); here, extra
+  feature slots are ignored.
+
+  Args:
+    embeds: [B, T, D] token embeddings.
+    is_image: bool [B, T].
+    features: [B, M, D], M = images per row * tokens per image.
+  Returns:
+    [B, T, D].
+  """
+  idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)  # [B, T]
+  gathered = jnp.take_along_axis(features, idx[..., None], axis=1)  # [B, T, D]
+  return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class DeepseekVL(nn.Module):
+  """The whole model, functional: `params = init(...)`, `logits, cache = apply(params, ...)`."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    if cfg.is_hybrid:
+      raise NotImplementedError("The hybrid (SAM + SigLIP) DeepSeek-VL 7B model is not supported yet; "
+                                "its decoder is available as dvl_jax.nn.llama.LlamaDecoder.")
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    self.vision_model = SiglipVisionTower(cfg.vision, **kw)
+    self.aligner = MlpAligner(cfg.aligner, **kw)
+    self.language_model = LlamaDecoder(cfg.text, **kw)
+
+  def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+    """[B, N, S, S, 3] normalised images -> aligned features [B, N * P, D]."""
+    b, n = pixel_values.shape[:2]
+    feats = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]))  # [B*N, P, Dv]
+    feats = self.aligner(feats)  # [B*N, P, D]
+    return feats.reshape(b, n * feats.shape[1], feats.shape[2])
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
+               pixel_values: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Args:
+      input_ids: int [B, T]; each image is `tokens_per_image` consecutive image tokens.
+      attention_mask: [B, T], 1 for real tokens.
+      positions: int [B, T] RoPE positions.
+      pixel_values: optional [B, N, S, S, 3]; slots that no image token refers to are ignored.
+      cache: optional KVCache (see LlamaDecoder).
+    Returns:
+      (logits [B, T, V], cache).
+    """
+    x = self.language_model.embed(input_ids)  # [B, T, D]
+    if pixel_values is not None:
+      x = splice_image_features(x, input_ids == self.config.image_token_id, self.encode_images(pixel_values))
+    return self.language_model(x, positions, attention_mask, cache)
