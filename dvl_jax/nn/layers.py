@@ -75,7 +75,7 @@ class PatchEmbedding(nn.Module):
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
     p, c = self.patch_size, pixels.shape[-1]
-    kernel = param(self, "kernel", default_init, (p, p, c, self.embed_dim), ("conv", "conv", "conv_in", "embed"),
+    kernel = param(self, "kernel", default_init, (p, p, c, self.embed_dim), (None, None, "conv_in", "embed"),
                    self.param_dtype)
     bias = param(self, "bias", nn.initializers.zeros, (self.embed_dim,), ("embed",), self.param_dtype)
     x = lax.conv_general_dilated(pixels.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",

@@ -1,0 +1,113 @@
+"""Configs: presets' parameter counts against transformers, and parsing of both config.json layouts."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+import dvl_jax
+from dvl_jax.config import from_hf_config, num_params
+from dvl_jax.nn.llama import LlamaDecoder
+from reference import hf_config
+
+SIGLIP_L = dict(model_type="siglip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                num_attention_heads=16, image_size=384, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6,
+                vision_use_head=False)
+LLAMA_1_3B = dict(model_type="llama", vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+                  num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, rms_norm_eps=1e-6,
+                  max_position_embeddings=16384, tie_word_embeddings=False)
+LLAMA_7B = dict(LLAMA_1_3B, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
+                num_key_value_heads=32)
+
+
+def _count_torch(model: torch.nn.Module) -> int:
+  return sum(p.numel() for p in model.parameters())
+
+
+def test_1_3b_preset_param_count_equals_transformers():
+  hf_cfg = DeepseekVLConfig(text_config=LLAMA_1_3B, vision_config=SIGLIP_L, tie_word_embeddings=False)
+  with torch.device("meta"):
+    ref = DeepseekVLForConditionalGeneration(hf_cfg)
+  ours = num_params(dvl_jax.abstract_params(dvl_jax.deepseek_vl_1_3b()))
+  assert ours == _count_torch(ref) == 1_962_640_384
+  # The released file holds 1,975,235,584 params: ours plus the unused SigLIP attention-pool head
+  # (latent 1024, q/kv/proj/norm/mlp of the MAP head), which the converter skips by name.
+  head = 1024 + (1024 * 1024 + 1024) + (2048 * 1024 + 2048) + (1024 * 1024 + 1024) + 2 * 1024 + (
+      4096 * 1024 + 4096) + (1024 * 4096 + 1024)
+  assert ours + head == 1_975_235_584
+  # The preset is the config the -hf checkpoint's config.json describes.
+  assert from_hf_config(hf_cfg.to_dict()) == dvl_jax.deepseek_vl_1_3b()
+
+
+def test_7b_preset_decoder_param_count_equals_transformers():
+  cfg = dvl_jax.deepseek_vl_7b()
+  with torch.device("meta"):
+    ref = LlamaForCausalLM(HFLlamaConfig(**{k: v for k, v in LLAMA_7B.items() if k != "model_type"}))
+  ids = jnp.zeros((1, 1), jnp.int32)
+  abstract = jax.eval_shape(lambda: LlamaDecoder(cfg.text).init(
+      jax.random.key(0), ids, ids, ids + 1, method=lambda m, i, p, a: m(m.embed(i), p, a))["params"])
+  assert num_params(nn.meta.unbox(abstract)) == _count_torch(ref)
+  assert cfg.is_hybrid and cfg.high_res.global_attn_indexes == (2, 5, 8, 11)
+
+
+def test_params_carry_logical_axis_names():
+  boxed = jax.eval_shape(lambda: dvl_jax.model.DeepseekVL(dvl_jax.tiny()).init(
+      jax.random.key(0), *dvl_jax.model._dummy_inputs(dvl_jax.tiny()))["params"])
+  leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
+    assert len(leaf.names) == len(leaf.value.shape), jax.tree_util.keystr(path)
+    named = [n for n in leaf.names if n is not None]
+    assert len(named) == len(set(named)), f"{jax.tree_util.keystr(path)} repeats a logical axis: {leaf.names}"
+  q = boxed["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.names == ("layers", "heads", "head_dim", "embed")
+
+
+def test_hf_config_round_trip():
+  cfg = from_hf_config(hf_config("gqa").to_dict())
+  assert cfg.text.num_heads == 4 and cfg.text.num_kv_heads == 2 and cfg.text.head_dim == 8
+  assert cfg.vision.num_patches == 16 and cfg.tokens_per_image == 16
+  assert cfg.image_token_id == 5
+  assert dvl_jax.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  hash(cfg)  # usable as a static jit argument
+
+
+def test_original_config_fills_llama_defaults_and_truncates_by_select_layer():
+  raw = {
+      "model_type": "multi_modality",
+      "language_config": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                          "num_attention_heads": 16, "vocab_size": 102400, "max_position_embeddings": 16384},
+      "vision_config": {"cls": "CLIPVisionTower", "params": {"model_name": "siglip_large_patch16_384",
+                                                             "image_size": 384, "select_layer": -1}},
+      "aligner_config": {"cls": "MlpProjector", "params": {"projector_type": "mlp_gelu", "depth": 2,
+                                                           "input_dim": 1024, "n_embed": 2048}},
+  }
+  assert from_hf_config(raw) == dvl_jax.deepseek_vl_1_3b()
+  raw["vision_config"]["params"]["select_layer"] = -2
+  assert from_hf_config(raw).vision.num_layers == 23
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(model_type="llava"), r"Unknown model_type 'llava'"),
+    (lambda c: c.update(model_type="deepseek_vl_hybrid"), r"hybrid .* not supported yet"),
+    (lambda c: c["vision_config"].update(hidden_act="gelu_pytorch_tanh"), r"exact GELU"),
+    (lambda c: c["text_config"].update(rope_parameters={"rope_type": "linear", "factor": 2.0}), r"RoPE scaling"),
+    (lambda c: c["text_config"].update(num_key_value_heads=3), r"num_kv_heads \(3\) must divide num_heads \(4\)"),
+    (lambda c: c.pop("text_config"), r"needs a 'text_config' object"),
+])
+def test_config_errors(edit, match):
+  raw = hf_config("gqa").to_dict()
+  edit(raw)
+  with pytest.raises(ValueError, match=match):
+    from_hf_config(raw)
+
+
+def test_preset_lookup():
+  assert dvl_jax.preset("tiny") == dvl_jax.tiny()
+  with pytest.raises(ValueError, match="known presets"):
+    dvl_jax.preset("deepseek-vl-2b")

@@ -1,0 +1,59 @@
+"""dvl_jax.load and the model call: errors that name the problem."""
+
+import numpy as np
+import pytest
+
+import dvl_jax
+from dvl_jax import checkpoint
+from dvl_jax.convert import convert_checkpoint
+from reference import hf_model, random_inputs
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  ref = hf_model("gqa")
+  src = tmp_path_factory.mktemp("hf")
+  ref.save_pretrained(src)
+  dst = tmp_path_factory.mktemp("dvl") / "ckpt"
+  convert_checkpoint(src, dst, log=lambda *_: None)
+  return ref, src, dst
+
+
+def test_load_explains_what_is_not_a_checkpoint(tmp_path, converted):
+  _, src, _ = converted
+  with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
+    dvl_jax.load(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match=r"no dvl_config.json.*convert it first with `python convert/"):
+    dvl_jax.load(src)
+
+
+def test_load_refuses_params_that_disagree_with_the_config(tmp_path, converted):
+  ref, _, dst = converted
+  small = dvl_jax.load(dst).config
+  other = tmp_path / "other"
+  checkpoint.save(other, dvl_jax.init_params(small.replace(text=dvl_jax.LlamaConfig(
+      **{**small.text.__dict__, "mlp_dim": 96}))), small)
+  with pytest.raises(ValueError, match=r"do not match dvl_config.json:\n.*mlp.*stored .*96"):
+    dvl_jax.load(other)
+
+
+def test_model_input_errors(converted):
+  ref, _, dst = converted
+  model = dvl_jax.load(dst)
+  ids, mask, pixels = random_inputs(ref, [2, 1])
+  with pytest.raises(ValueError, match=r"Row 0 of input_ids has 32 image tokens.*1 image slot\(s\) per row"):
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, :1])
+  with pytest.raises(ValueError, match=r"has 32 image tokens .* 0 image slot"):
+    model(input_ids=ids, attention_mask=mask)
+  cut = ids.copy()
+  cut[0, np.flatnonzero(cut[0] == 5)[0]] = 7  # one image token too few
+  with pytest.raises(ValueError, match=r"Row 0 of input_ids has 31 image tokens.*multiple of 16"):
+    model(input_ids=cut, attention_mask=mask, pixel_values=pixels)
+  with pytest.raises(ValueError, match=r"channels-last"):
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels.transpose(0, 1, 4, 2, 3))
+  with pytest.raises(ValueError, match=r"attention_mask shape"):
+    model(input_ids=ids, attention_mask=mask[:, 1:], pixel_values=pixels)
+  with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 128\)"):
+    model(input_ids=ids + 1000, attention_mask=mask)
+  with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq_len\]"):
+    model(input_ids=ids[0])
