@@ -145,11 +145,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     parts.append("Check that config.json belongs to these weights.")
     raise ValueError("\n  ".join(parts))
 
+  n = sum(x.size for x in jax.tree.leaves(params))
   checkpoint.save(dst, params, config)
   for name in sorted(os.listdir(src)):
     if name.endswith(_COPIED_SUFFIXES) and name != INDEX_FILE and os.path.isfile(os.path.join(src, name)):
       shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
-  n = sum(x.size for x in jax.tree.leaves(params))
   log(f"Converted {src} ({fmt} layout, {len(reader.keys())} tensors, {len(skipped)} unused skipped) -> {dst}: "
       f"{n:,} params in {dtype}, {time.time() - start:.1f} s.")
   return config

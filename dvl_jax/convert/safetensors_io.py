@@ -2,8 +2,9 @@
 
 The `safetensors` package's numpy backend cannot return bfloat16 (the dtype of the released DeepSeek-VL
 weights), so this reads the format directly: an 8-byte little-endian header length, a JSON header of
-`{name: {"dtype", "shape", "data_offsets": [begin, end]}}`, then the raw bytes. Each tensor is a read-only
-view into a memory map, so reading one costs one tensor of memory at most.
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}}`, then the raw bytes. Each tensor is read into its
+own buffer and nothing else is kept, so reading costs one tensor of memory at a time. (A memory map of the
+whole file would leave every page read resident, a second copy of the model in the process's memory.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ class SafetensorsFile:
     header.pop("__metadata__", None)
     self._header = header
     self._data_start = 8 + n
-    self._map = None
 
   def keys(self) -> list[str]:
     return list(self._header)
@@ -48,15 +48,24 @@ class SafetensorsFile:
     return tuple(entry["shape"]), entry["dtype"]
 
   def get(self, key: str) -> np.ndarray:
-    """A read-only view of the tensor `key` into the memory-mapped file."""
+    """The tensor `key`, read from the file into a new array."""
     entry = self._header[key]
     if entry["dtype"] not in _DTYPES:
       raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}.")
-    if self._map is None:
-      self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+    dtype = np.dtype(_DTYPES[entry["dtype"]])
     begin, end = entry["data_offsets"]
-    raw = self._map[self._data_start + begin:self._data_start + end]
-    return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    count = (end - begin) // dtype.itemsize
+    if count != int(np.prod(entry["shape"])):
+      raise ValueError(f"{self.path}: tensor {key!r} holds {end - begin} bytes, not the {entry['shape']} "
+                       f"{entry['dtype']} its header announces; the file is corrupt.")
+    data = np.empty(count, dtype)
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + begin)
+      read = f.readinto(memoryview(data.view(np.uint8)))
+    if read != end - begin:
+      raise ValueError(f"{self.path} is truncated: tensor {key!r} needs {end - begin} bytes at offset "
+                       f"{self._data_start + begin}.")
+    return data.reshape(entry["shape"])
 
 
 class SafetensorsCheckpoint:
@@ -100,6 +109,6 @@ class SafetensorsCheckpoint:
     return self._files[key].get(key)
 
   def items(self) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, tensor view) one tensor at a time, file by file."""
+    """Yields (key, tensor) one tensor at a time, file by file."""
     for key in sorted(self._files, key=lambda k: (self._files[k].path, k)):
       yield key, self.get(key)
