@@ -6,7 +6,7 @@ import pytest
 import dvl_jax
 from dvl_jax import checkpoint
 from dvl_jax.convert import convert_checkpoint
-from reference import hf_model, random_inputs
+from reference import hf_logits, hf_model, max_rel_err, random_inputs
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,19 @@ def test_model_input_errors(converted):
     model(input_ids=ids + 1000, attention_mask=mask)
   with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq_len\]"):
     model(input_ids=ids[0])
+
+
+def test_forward_with_cache_prefills_images_then_decodes_like_transformers(converted):
+  ref, _, dst = converted
+  model = dvl_jax.load(dst)
+  ids, mask, pixels = random_inputs(ref, [2, 1], pad=[0, 4])
+  expected = hf_logits(ref, ids, mask, pixels, [2, 1])
+  prompt = ids.shape[1] - 3
+  cache = model.init_cache(batch_size=2, max_len=ids.shape[1] + 5)
+  logits, cache = model.forward(ids[:, :prompt], mask[:, :prompt], pixels, cache=cache)
+  steps = [logits]
+  for t in range(prompt, ids.shape[1]):  # one token at a time; positions continue from the cache
+    logits, cache = model.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
+    steps.append(logits)
+  assert max_rel_err(np.concatenate(steps, axis=1), expected, mask) < 1e-4
+  assert int(cache.end) == ids.shape[1]

@@ -81,7 +81,7 @@ def _fill(reader: SafetensorsCheckpoint, params: dict[str, Any], fmt: str) -> tu
         unexpected.append(f"{key} {tuple(tensor.shape)}")
         continue
       path, layer = target
-      out = keymap._get(params, path)
+      out = keymap.get_path(params, path)
       if layer is not None:
         if layer >= out.shape[0]:
           unexpected.append(f"{key} {tuple(tensor.shape)} (layer {layer}, but the config has {out.shape[0]} layers)")
@@ -124,7 +124,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
   filled, unexpected, errors, skipped = _fill(reader, params, fmt)
   lm_head, embed = ("language_model", "lm_head", "kernel"), ("language_model", "embed_tokens", "embedding")
   if lm_head not in filled and embed in filled and hf_ties_embeddings(raw_config):
-    keymap._get(params, lm_head)[...] = keymap._get(params, embed)  # tied: lm_head is the embedding
+    keymap.get_path(params, lm_head)[...] = keymap.get_path(params, embed)  # tied: lm_head is the embedding
     filled[lm_head] = {None}
 
   missing = []

@@ -97,7 +97,7 @@ def hf_to_target(key: str, params: dict[str, Any]) -> tuple[tuple[str, ...], int
     m = pattern.match(key)
     if m is None:
       continue
-    path = param_path(_get(params, subtree), key[m.end():])
+    path = param_path(get_path(params, subtree), key[m.end():])
     return (subtree + path, int(m[1]) if stacked else None) if path else None
   return None
 
@@ -110,10 +110,11 @@ def param_path(params: Any, name: str) -> tuple[str, ...] | None:
   *parts, leaf = name.split(".")
   base = tuple(parts)
   candidates = [base + (w,) for w in _WEIGHT_LEAVES] + [base] if leaf == "weight" else [base + (leaf,)]
-  return next((p for p in candidates if _is_leaf(_get(params, p))), None)
+  return next((p for p in candidates if _is_leaf(get_path(params, p))), None)
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
+def get_path(tree: Any, path: tuple[str, ...]) -> Any:
+  """tree[p0][p1]..., or None where a key is missing."""
   for p in path:
     if not isinstance(tree, dict) or p not in tree:
       return None

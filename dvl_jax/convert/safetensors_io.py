@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
-
 import ml_dtypes
 import numpy as np
 
@@ -107,8 +105,3 @@ class SafetensorsCheckpoint:
 
   def get(self, key: str) -> np.ndarray:
     return self._files[key].get(key)
-
-  def items(self) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, tensor) one tensor at a time, file by file."""
-    for key in sorted(self._files, key=lambda k: (self._files[k].path, k)):
-      yield key, self.get(key)

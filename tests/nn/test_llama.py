@@ -69,6 +69,7 @@ def test_cached_prefill_and_decode_equal_the_full_forward():
   attn = jnp.asarray(attn)
   positions = positions_from_mask(attn)
 
+  @jax.jit
   def run(x_ids, pos, mask, cache):
     return module.apply({"params": params}, x_ids, pos, mask, cache, method=lambda m, i, p, a, c: m(m.embed(i), p, a, c))
 
