@@ -80,7 +80,11 @@ class SiglipConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamConfig:
-  """The SAM-B ViTDet high-resolution tower of the hybrid (7B) model. Defaults: `sam_b_downsample`."""
+  """The SAM-B ViTDet high-resolution tower of the hybrid (7B) model. Defaults: `sam_b_downsample`.
+
+  Blocks in `global_attn_indexes` attend over the whole grid; the others within `window_size` windows. The
+  neck maps to `neck_dim` channels and the two stride-2 downsample convs to 2x, then 4x `neck_dim`.
+  """
 
   image_size: int = 1024
   patch_size: int = 16
@@ -91,17 +95,33 @@ class SamConfig:
   window_size: int = 14
   global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
   neck_dim: int = 256
-  downsample_dims: tuple[int, ...] = (512, 1024)
   norm_eps: float = 1e-6
 
   def __post_init__(self):
     _check_positive(self, "image_size", "patch_size", "embed_dim", "mlp_dim", "num_layers", "num_heads",
                     "window_size", "neck_dim")
     object.__setattr__(self, "global_attn_indexes", tuple(self.global_attn_indexes))
-    object.__setattr__(self, "downsample_dims", tuple(self.downsample_dims))
     bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
-    if bad:
-      raise ValueError(f"global_attn_indexes {bad} are outside the {self.num_layers} layers.")
+    if bad or not self.global_attn_indexes:
+      raise ValueError(f"global_attn_indexes {list(self.global_attn_indexes)} must name at least one of the "
+                       f"{self.num_layers} layers (DeepSeek-VL reads the first global block's output).")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size}).")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim}).")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def out_dim(self) -> int:
+    """Channels after the two downsample convs."""
+    return 4 * self.neck_dim
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,19 +129,25 @@ class AlignerConfig:
   """The projector from vision features to the decoder's embedding space.
 
   kind "mlp_gelu": Linear(in_dim, out_dim), then (GELU, Linear(out_dim, out_dim)) x (depth - 1).
-  kind "hybrid_split_mlp_gelu" (7B): separate high/low-res up-projections to out_dim // 2, concatenated
-  (high first), GELU, Linear(out_dim, out_dim).
+  kind "hybrid_split_mlp_gelu" (7B): Linear(high_res_in_dim, out_dim // 2) on the high-res features and
+  Linear(in_dim, out_dim // 2) on the low-res ones, concatenated (high first), GELU, Linear(out_dim, out_dim).
   """
 
   kind: str = "mlp_gelu"
   in_dim: int = 1024
   out_dim: int = 2048
   depth: int = 2
+  high_res_in_dim: int = 0  # hybrid only
 
   def __post_init__(self):
     if self.kind not in ("mlp_gelu", "hybrid_split_mlp_gelu"):
       raise ValueError(f"Unknown aligner kind {self.kind!r}; expected 'mlp_gelu' or 'hybrid_split_mlp_gelu'.")
     _check_positive(self, "in_dim", "out_dim", "depth")
+    if self.kind == "hybrid_split_mlp_gelu":
+      _check_positive(self, "high_res_in_dim")
+      if self.depth != 2 or self.out_dim % 2:
+        raise ValueError(f"The hybrid aligner has depth 2 and an even out_dim; got depth={self.depth}, "
+                         f"out_dim={self.out_dim}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,6 +179,9 @@ class ModelConfig:
       raise ValueError("The hybrid aligner ('hybrid_split_mlp_gelu') goes with a high_res tower and "
                        f"'mlp_gelu' without one; got aligner.kind={self.aligner.kind!r} and "
                        f"high_res={'set' if self.high_res else 'None'}.")
+    if self.high_res is not None and self.aligner.high_res_in_dim != self.high_res.out_dim:
+      raise ValueError(f"aligner.high_res_in_dim ({self.aligner.high_res_in_dim}) must equal the SAM tower's "
+                       f"output channels, 4 * neck_dim = {self.high_res.out_dim}.")
 
   @property
   def tokens_per_image(self) -> int:
@@ -193,7 +222,7 @@ def deepseek_vl_7b() -> ModelConfig:
   return ModelConfig(
       text=LlamaConfig(embed_dim=4096, mlp_dim=11008, num_layers=30, num_heads=32, num_kv_heads=32),
       high_res=SamConfig(),
-      aligner=AlignerConfig(kind="hybrid_split_mlp_gelu", in_dim=1024, out_dim=4096),
+      aligner=AlignerConfig(kind="hybrid_split_mlp_gelu", in_dim=1024, high_res_in_dim=1024, out_dim=4096),
   )
 
 
@@ -297,6 +326,40 @@ def _siglip_from_original(params: dict[str, Any]) -> SiglipConfig:
                       mlp_dim=int(v["width"] * v["mlp_ratio"]), num_layers=layers, num_heads=v["heads"])
 
 
+def _sam_from_hf(sam: dict[str, Any]) -> SamConfig:
+  """transformers' SamVisionConfig dict."""
+  for key, want in (("hidden_act", "gelu"), ("qkv_bias", True), ("use_abs_pos", True), ("use_rel_pos", True)):
+    if sam.get(key, want) != want:
+      raise ValueError(f"DeepSeek-VL's SAM tower has {key}={want!r}; this config has {sam[key]!r}.")
+  hidden = sam.get("hidden_size", 768)
+  return SamConfig(
+      image_size=sam.get("image_size", 1024), patch_size=sam.get("patch_size", 16), embed_dim=hidden,
+      mlp_dim=sam.get("mlp_dim") or int(hidden * sam.get("mlp_ratio", 4.0)), num_layers=sam.get("num_hidden_layers", 12),
+      num_heads=sam.get("num_attention_heads", 12), window_size=sam.get("window_size", 14),
+      global_attn_indexes=tuple(sam.get("global_attn_indexes", (2, 5, 8, 11))), neck_dim=sam.get("output_channels", 256),
+      norm_eps=sam.get("layer_norm_eps", 1e-6))
+
+
+# Ref: deepseek_vl/models/sam.py SAM_MODEL_CONFIG; create_sam_vit fixes patch 16, window 14, MLP ratio 4 and a
+# 256-channel neck.
+_SAM_VARIANTS = {"sam_b_downsample": dict(width=768, layers=12, heads=12, global_attn_indexes=(2, 5, 8, 11))}
+_SAM_FIXED = dict(patch_size=16, window_size=14, mlp_ratio=4.0, neck_dim=256)
+
+
+def _sam_from_original(params: dict[str, Any]) -> SamConfig:
+  """`high_res_cfg` of the original HybridVisionTower. As for SigLIP, the variant's keys (and `patch_size`,
+  `window_size`, `mlp_ratio`, `neck_dim`) may be overridden, for tiny test checkpoints."""
+  name = params.get("model_name", "")
+  if name not in _SAM_VARIANTS:
+    raise ValueError(f"Unsupported high-res tower model_name {name!r}; expected one of {sorted(_SAM_VARIANTS)}.")
+  base = {**_SAM_VARIANTS[name], **_SAM_FIXED}
+  v = {**base, **{k: params[k] for k in base if k in params}}
+  return SamConfig(image_size=params.get("image_size", 1024), patch_size=v["patch_size"], embed_dim=v["width"],
+                   mlp_dim=int(v["width"] * v["mlp_ratio"]), num_layers=v["layers"], num_heads=v["heads"],
+                   window_size=v["window_size"], global_attn_indexes=tuple(v["global_attn_indexes"]),
+                   neck_dim=v["neck_dim"])
+
+
 def from_hf_config(cfg: dict[str, Any], *, image_token_id: int | None = None) -> ModelConfig:
   """Builds a ModelConfig from a checkpoint's parsed `config.json` (either layout).
 
@@ -306,38 +369,48 @@ def from_hf_config(cfg: dict[str, Any], *, image_token_id: int | None = None) ->
       from the tokenizer files. Defaults to 100015, DeepSeek's `<image_placeholder>`.
   """
   model_type = cfg.get("model_type")
-  if model_type == "deepseek_vl_hybrid" or (model_type == "multi_modality" and
-                                            "Hybrid" in cfg.get("vision_config", {}).get("cls", "")):
-    raise ValueError("This is a hybrid (SAM + SigLIP, deepseek-vl-7b) checkpoint; the hybrid model is not "
-                     "supported yet by dvl_jax. Use a deepseek-vl-1.3b checkpoint.")
-  if model_type == "deepseek_vl":
-    for key in ("text_config", "vision_config"):
+  high_res = None
+  if model_type in HF_MODEL_TYPES:
+    keys = ("text_config", "vision_config") + (("high_res_vision_config",) if model_type == "deepseek_vl_hybrid" else ())
+    for key in keys:
       if not isinstance(cfg.get(key), dict):
-        raise ValueError(f"A 'deepseek_vl' config.json needs a '{key}' object; it has {sorted(cfg)}.")
+        raise ValueError(f"A {model_type!r} config.json needs a '{key}' object; it has {sorted(cfg)}.")
     text = _llama_from_dict(cfg["text_config"])
     vision = _siglip_from_hf(cfg["vision_config"])
-    aligner = AlignerConfig(in_dim=vision.embed_dim, out_dim=text.embed_dim)
+    if model_type == "deepseek_vl_hybrid":
+      high_res = _sam_from_hf(cfg["high_res_vision_config"])
+      aligner = AlignerConfig(kind="hybrid_split_mlp_gelu", in_dim=vision.embed_dim, out_dim=text.embed_dim,
+                              high_res_in_dim=high_res.out_dim)
+    else:
+      aligner = AlignerConfig(in_dim=vision.embed_dim, out_dim=text.embed_dim)
     token = cfg.get("image_token_id", image_token_id if image_token_id is not None else 100015)
   elif model_type == "multi_modality":
     for key in ("language_config", "vision_config", "aligner_config"):
       if not isinstance(cfg.get(key), dict):
         raise ValueError(f"A 'multi_modality' config.json needs a '{key}' object; it has {sorted(cfg)}.")
     text = _llama_from_dict(cfg["language_config"])
-    vcfg = cfg["vision_config"]
-    if vcfg.get("cls", "CLIPVisionTower") != "CLIPVisionTower":
-      raise ValueError(f"Unsupported vision_config.cls {vcfg.get('cls')!r}; expected 'CLIPVisionTower'.")
-    vision = _siglip_from_original(vcfg.get("params", {}))
-    ap = cfg["aligner_config"].get("params", {})
-    if ap.get("projector_type", "mlp_gelu") != "mlp_gelu":
-      raise ValueError(f"Unsupported projector_type {ap.get('projector_type')!r}; expected 'mlp_gelu'.")
-    aligner = AlignerConfig(in_dim=ap.get("input_dim", vision.embed_dim), out_dim=ap.get("n_embed", text.embed_dim),
-                            depth=ap.get("depth", 2))
+    vcfg, ap = cfg["vision_config"], cfg["aligner_config"].get("params", {})
+    tower, projector = vcfg.get("cls", "CLIPVisionTower"), ap.get("projector_type", "mlp_gelu")
+    if tower == "CLIPVisionTower" and projector == "mlp_gelu":
+      vision = _siglip_from_original(vcfg.get("params", {}))
+      aligner = AlignerConfig(in_dim=ap.get("input_dim", vision.embed_dim),
+                              out_dim=ap.get("n_embed", text.embed_dim), depth=ap.get("depth", 2))
+    elif tower == "HybridVisionTower" and projector == "low_high_hybrid_split_mlp_gelu":
+      params = vcfg.get("params", {})
+      vision = _siglip_from_original(params.get("low_res_cfg", {}))
+      high_res = _sam_from_original(params.get("high_res_cfg", {}))
+      aligner = AlignerConfig(kind="hybrid_split_mlp_gelu", in_dim=vision.embed_dim,
+                              high_res_in_dim=ap.get("input_dim", high_res.out_dim),
+                              out_dim=ap.get("n_embed", text.embed_dim), depth=ap.get("depth", 2))
+    else:
+      raise ValueError(f"Unsupported vision tower / projector pair ({tower!r}, {projector!r}); expected "
+                       "('CLIPVisionTower', 'mlp_gelu') or ('HybridVisionTower', 'low_high_hybrid_split_mlp_gelu').")
     token = image_token_id if image_token_id is not None else 100015
   else:
     raise ValueError(f"Unknown model_type {model_type!r} in config.json; expected one of "
                      f"{HF_MODEL_TYPES + ORIGINAL_MODEL_TYPES} (a DeepSeek-VL checkpoint in the transformers "
                      "'-hf' or the original deepseek-ai layout).")
-  return ModelConfig(text=text, vision=vision, aligner=aligner, image_token_id=token)
+  return ModelConfig(text=text, vision=vision, aligner=aligner, high_res=high_res, image_token_id=token)
 
 
 def hf_ties_embeddings(cfg: dict[str, Any]) -> bool:

@@ -23,7 +23,10 @@ from dvl_jax.nn.vlm import DeepseekVL
 def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, ...]:
   s = config.vision.image_size
   ids = jnp.zeros((1, 1), jnp.int32)
-  return ids, jnp.ones((1, 1), jnp.int32), ids, jnp.zeros((1, 1, s, s, 3), jnp.float32)
+  high = None
+  if config.is_hybrid:
+    high = jnp.zeros((1, 1, config.high_res.image_size, config.high_res.image_size, 3), jnp.float32)
+  return ids, jnp.ones((1, 1), jnp.int32), ids, jnp.zeros((1, 1, s, s, 3), jnp.float32), high
 
 
 def abstract_params(config: ModelConfig) -> Any:
@@ -69,7 +72,8 @@ class Model:
     """An empty KV cache for `batch_size` rows and `max_len` slots, in the compute dtype."""
     return KVCache.init(self.config.text, batch_size, max_len, jnp.dtype(self.config.dtype))
 
-  def check_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None) -> None:
+  def check_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
+                   high_res_pixel_values: Any = None) -> None:
     """Raises a ValueError that names the problem when the inputs do not fit the model."""
     cfg = self.config
     shape = np.shape(input_ids)
@@ -83,6 +87,15 @@ class Model:
       if len(ps) != 5 or ps[0] != shape[0] or ps[2:] != (s, s, 3):
         raise ValueError(f"pixel_values must be [batch={shape[0]}, num_images, {s}, {s}, 3] (channels-last, "
                          f"one slot per image of the row); got shape {ps}.")
+      if cfg.is_hybrid:
+        s = cfg.high_res.image_size
+        hs = np.shape(high_res_pixel_values) if high_res_pixel_values is not None else None
+        if hs != (*ps[:2], s, s, 3):
+          raise ValueError(f"The hybrid model takes high_res_pixel_values [{ps[0]}, {ps[1]}, {s}, {s}, 3] beside "
+                           f"pixel_values {ps} (the same images at {s} px, for the SAM tower); got "
+                           f"{'none' if hs is None else f'shape {hs}'}.")
+    if high_res_pixel_values is not None and not cfg.is_hybrid:
+      raise ValueError("high_res_pixel_values was given, but this model has no high-resolution (SAM) tower.")
     ids = _concrete(input_ids)
     if ids is None:
       return
@@ -101,21 +114,28 @@ class Model:
             "pass one image per placeholder.")
 
   def forward(self, input_ids, attention_mask=None, pixel_values=None, positions=None,
-              cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+              cache: KVCache | None = None, high_res_pixel_values=None) -> tuple[jax.Array, KVCache | None]:
     """Logits and the updated cache. With a cache, the tokens are appended at `cache.end` (prefill or decode);
     positions then default to continue each row's count of real tokens. The cache is donated."""
-    self.check_inputs(input_ids, attention_mask, pixel_values)
+    self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if positions is None:
       positions = positions_from_mask(mask)
       if cache is not None:
         positions = positions + cache.next_positions()[:, None]
+    dtype = jnp.dtype(self.config.dtype)
     if pixel_values is not None:
-      pixel_values = jnp.asarray(pixel_values, jnp.dtype(self.config.dtype))
-    return self._forward({"params": self.params}, input_ids, mask, positions, pixel_values, cache)
+      pixel_values = jnp.asarray(pixel_values, dtype)
+      if high_res_pixel_values is not None:
+        high_res_pixel_values = jnp.asarray(high_res_pixel_values, dtype)
+    else:
+      high_res_pixel_values = None
+    return self._forward({"params": self.params}, input_ids, mask, positions, pixel_values, high_res_pixel_values,
+                         cache)
 
-  def __call__(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None) -> jax.Array:
+  def __call__(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None,
+               high_res_pixel_values=None) -> jax.Array:
     """Logits [B, T, V] of a forward pass without cache.
 
     Args:
@@ -124,8 +144,11 @@ class Model:
       pixel_values: float [B, N, S, S, 3], normalised, channels-last; N is the most images in any row, and
         a row with fewer images leaves its extra slots zero.
       position_ids: int [B, T]; default from the attention mask (cumsum - 1), as transformers' generate.
+      high_res_pixel_values: hybrid model only: float [B, N, S', S', 3], the same images at the SAM tower's
+        resolution (1024), normalised with the CLIP mean and std.
     """
-    return self.forward(input_ids, attention_mask, pixel_values, position_ids)[0]
+    return self.forward(input_ids, attention_mask, pixel_values, position_ids,
+                        high_res_pixel_values=high_res_pixel_values)[0]
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None) -> Model:

@@ -44,6 +44,44 @@ def test_1_3b_preset_param_count_equals_transformers():
   assert from_hf_config(hf_cfg.to_dict()) == dvl_jax.deepseek_vl_1_3b()
 
 
+SAM_B = dict(model_type="sam_vision_model", hidden_size=768, output_channels=256, num_hidden_layers=12,
+             num_attention_heads=12, image_size=1024, patch_size=16, window_size=14,
+             global_attn_indexes=[2, 5, 8, 11], layer_norm_eps=1e-6)
+
+
+def test_7b_preset_param_count_equals_transformers():
+  from transformers import DeepseekVLHybridConfig, DeepseekVLHybridForConditionalGeneration
+
+  hf_cfg = DeepseekVLHybridConfig(text_config=LLAMA_7B, vision_config=SIGLIP_L, high_res_vision_config=SAM_B,
+                                  tie_word_embeddings=False)
+  with torch.device("meta"):
+    ref = DeepseekVLHybridForConditionalGeneration(hf_cfg)
+  ours = num_params(dvl_jax.abstract_params(dvl_jax.deepseek_vl_7b()))
+  assert ours == _count_torch(ref) == 7_331_390_721
+  # The released shards hold 7,343,990,017: ours plus the unused SigLIP attention-pool head (12,595,200) and
+  # the hybrid tower's two unused 1024-wide layer norms (4,096).
+  assert ours + 12_595_200 + 4_096 == 7_343_990_017
+  assert from_hf_config(hf_cfg.to_dict()) == dvl_jax.deepseek_vl_7b()
+
+
+def test_original_hybrid_config_is_the_7b_preset():
+  clip = dict(pixel_mean=[0.48145466, 0.4578275, 0.40821073], pixel_std=[0.26862954, 0.26130258, 0.27577711])
+  raw = {
+      "model_type": "multi_modality",
+      "language_config": {"num_hidden_layers": 30, "vocab_size": 102400, "max_position_embeddings": 16384},
+      "vision_config": {"cls": "HybridVisionTower", "params": {
+          "concat_type": "tuple", "freeze_high": True, "freeze_low": True,
+          "high_res_cfg": {"model_name": "sam_b_downsample", "image_size": 1024, "output_dim": 1024,
+                           "select_feature": "same", "select_layer": -1, "ckpt_path": "", **clip},
+          "low_res_cfg": {"model_name": "siglip_large_patch16_384", "image_size": 384, "output_dim": 1024,
+                          "pixel_mean": [0.5] * 3, "pixel_std": [0.5] * 3, "select_feature": "same",
+                          "select_layer": -1, "ckpt_path": ""}}},
+      "aligner_config": {"cls": "MlpProjector", "params": {
+          "projector_type": "low_high_hybrid_split_mlp_gelu", "depth": 2, "input_dim": 1024, "n_embed": 4096}},
+  }
+  assert from_hf_config(raw) == dvl_jax.deepseek_vl_7b()
+
+
 def test_7b_preset_decoder_param_count_equals_transformers():
   cfg = dvl_jax.deepseek_vl_7b()
   with torch.device("meta"):
@@ -94,7 +132,7 @@ def test_original_config_fills_llama_defaults_and_truncates_by_select_layer():
 
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c.update(model_type="llava"), r"Unknown model_type 'llava'"),
-    (lambda c: c.update(model_type="deepseek_vl_hybrid"), r"hybrid .* not supported yet"),
+    (lambda c: c.update(model_type="deepseek_vl_hybrid"), r"needs a 'high_res_vision_config' object"),
     (lambda c: c["vision_config"].update(hidden_act="gelu_pytorch_tanh"), r"exact GELU"),
     (lambda c: c["text_config"].update(rope_parameters={"rope_type": "linear", "factor": 2.0}), r"RoPE scaling"),
     (lambda c: c["text_config"].update(num_key_value_heads=3), r"num_kv_heads \(3\) must divide num_heads \(4\)"),

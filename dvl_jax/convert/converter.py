@@ -88,7 +88,7 @@ def _fill(reader: SafetensorsCheckpoint, params: dict[str, Any], fmt: str) -> tu
           continue
         out = out[layer]
       try:
-        out[...] = keymap.to_target_layout(piece, out.shape, key)  # casts to the output dtype in place
+        out[...] = keymap.to_target_layout(piece, out.shape, key, path)  # casts to the output dtype in place
       except ValueError as e:
         errors.append(str(e))
         continue

@@ -34,3 +34,26 @@ class MlpAligner(nn.Module):
       axes = (out_axis, in_axis if in_axis != out_axis else None)  # one logical name per kernel
       x = Linear((cfg.out_dim,), axes, name=f"linear{i}", **kw)(x)
     return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+
+
+class HybridAligner(nn.Module):
+  """The 7B's split projector: high-res and low-res features are projected to half the width each,
+  concatenated high first, then GELU and a projection. [B, P, *] x 2 -> [B, P, out_dim].
+
+  Ref: projector.py MlpProjector ("low_high_hybrid_split_mlp_gelu"); transformers DeepseekVLHybridAligner.
+  """
+
+  config: AlignerConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, low: jax.Array, high: jax.Array) -> jax.Array:
+    cfg = self.config
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+    half = (cfg.out_dim // 2,)
+    high = Linear(half, ("mlp", "embed"), name="high_res_vision_proj", **kw)(high)
+    low = Linear(half, ("mlp", "embed"), name="vision_proj", **kw)(low)
+    x = gelu(jnp.concatenate([high, low], axis=-1))  # [B, P, out_dim]
+    x = Linear((cfg.out_dim,), ("embed", "mlp"), name="proj", **kw)(x)
+    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))

@@ -61,26 +61,31 @@ class Linear(nn.Module):
     return y
 
 
-class PatchEmbedding(nn.Module):
-  """A patch x patch, stride-patch convolution with bias: images [B, S, S, C] -> [B, S/p, S/p, D].
+class Conv(nn.Module):
+  """2-D convolution on channels-last maps [B, H, W, C]; kernel HWIO (PyTorch's OIHW transposed by the
+  converter). Padding is explicit, as PyTorch's: `padding=1` is ((1, 1), (1, 1)), which is not "SAME" at
+  stride 2."""
 
-  The kernel is HWIO (PyTorch's OIHW transposed by the converter).
-  """
-
-  patch_size: int
-  embed_dim: int
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, pixels: jax.Array) -> jax.Array:
-    p, c = self.patch_size, pixels.shape[-1]
-    kernel = param(self, "kernel", default_init, (p, p, c, self.embed_dim), (None, None, "conv_in", "embed"),
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = param(self, "kernel", default_init, (k, k, c, self.features), (None, None, "conv_in", "embed"),
                    self.param_dtype)
-    bias = param(self, "bias", nn.initializers.zeros, (self.embed_dim,), ("embed",), self.param_dtype)
-    x = lax.conv_general_dilated(pixels.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
+    pad = ((self.padding, self.padding), (self.padding, self.padding))
+    y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return x + bias.astype(self.dtype)
+    if self.use_bias:
+      y = y + param(self, "bias", nn.initializers.zeros, (self.features,), ("embed",),
+                    self.param_dtype).astype(self.dtype)
+    return y
 
 
 class RMSNorm(nn.Module):
@@ -118,18 +123,21 @@ class LayerNorm(nn.Module):
 
 
 class GeluMLP(nn.Module):
-  """fc2(gelu(fc1(x))), with biases: the ViT MLP. Ref: transformers SiglipMLP (hidden_act="gelu")."""
+  """fc2(gelu(fc1(x))), with biases: the ViT MLP. Ref: transformers SiglipMLP (hidden_act="gelu"), SamMLPBlock.
+
+  `names` are the two Linears' names: ("fc1", "fc2") in SigLIP, ("lin1", "lin2") in SAM.
+  """
 
   mlp_dim: int
+  names: tuple[str, str] = ("fc1", "fc2")
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, P, D]
+  def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., D]
     kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = gelu(Linear((self.mlp_dim,), ("mlp", "embed"), name="fc1", **kw)(x))  # [B, P, F]
-    h = nn.with_logical_constraint(h, ("batch", "seq", "act_mlp"))
-    return Linear((x.shape[-1],), ("embed", "mlp"), name="fc2", **kw)(h)
+    h = gelu(Linear((self.mlp_dim,), ("mlp", "embed"), name=self.names[0], **kw)(x))  # [..., F]
+    return Linear((x.shape[-1],), ("embed", "mlp"), name=self.names[1], **kw)(h)
 
 
 class SwiGLU(nn.Module):

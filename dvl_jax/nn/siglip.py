@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from dvl_jax.config import SiglipConfig
 from dvl_jax.nn.attention import dot_product_attention
-from dvl_jax.nn.layers import Dtype, GeluMLP, LayerNorm, Linear, PatchEmbedding, default_init, param
+from dvl_jax.nn.layers import Conv, Dtype, GeluMLP, LayerNorm, Linear, default_init, param
 
 
 class SiglipAttention(nn.Module):
@@ -64,7 +64,7 @@ class SiglipVisionTower(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p, d = cfg.patch_size, cfg.embed_dim
-    x = PatchEmbedding(p, d, name="patch_embedding", **kw)(pixels)  # [B, S/p, S/p, D]
+    x = Conv(d, p, stride=p, name="patch_embedding", **kw)(pixels)  # [B, S/p, S/p, D]
     x = x.reshape(x.shape[0], -1, d)  # [B, P, D], patches row-major
     pos = param(self, "position_embedding", default_init, (cfg.num_patches, d), ("patches", "embed"),
                 self.param_dtype)

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from dvl_jax.config import ModelConfig
-from dvl_jax.nn.aligner import MlpAligner
+from dvl_jax.nn.aligner import HybridAligner, MlpAligner
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.nn.llama import LlamaDecoder
+from dvl_jax.nn.sam import SamHighResTower
 from dvl_jax.nn.siglip import SiglipVisionTower
 
 
@@ -43,34 +44,45 @@ class DeepseekVL(nn.Module):
 
   def setup(self):
     cfg = self.config
-    if cfg.is_hybrid:
-      raise NotImplementedError("The hybrid (SAM + SigLIP) DeepSeek-VL 7B model is not supported yet; "
-                                "its decoder is available as dvl_jax.nn.llama.LlamaDecoder.")
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.vision_model = SiglipVisionTower(cfg.vision, **kw)
-    self.aligner = MlpAligner(cfg.aligner, **kw)
+    if cfg.is_hybrid:
+      grid = cfg.vision.image_size // cfg.vision.patch_size
+      self.high_res_vision_model = SamHighResTower(cfg.high_res, out_grid=grid, **kw)
+      self.aligner = HybridAligner(cfg.aligner, **kw)
+    else:
+      self.aligner = MlpAligner(cfg.aligner, **kw)
     self.language_model = LlamaDecoder(cfg.text, **kw)
 
-  def encode_images(self, pixel_values: jax.Array) -> jax.Array:
-    """[B, N, S, S, 3] normalised images -> aligned features [B, N * P, D]."""
+  def encode_images(self, pixel_values: jax.Array, high_res_pixel_values: jax.Array | None = None) -> jax.Array:
+    """Normalised images [B, N, S, S, 3] (and, for the hybrid model, the same images at high resolution
+    [B, N, S', S', 3]) -> aligned features [B, N * P, D]."""
     b, n = pixel_values.shape[:2]
     feats = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]))  # [B*N, P, Dv]
-    feats = self.aligner(feats)  # [B*N, P, D]
+    if self.config.is_hybrid:
+      if high_res_pixel_values is None:
+        raise ValueError("The hybrid model needs high_res_pixel_values beside pixel_values.")
+      high = self.high_res_vision_model(high_res_pixel_values.reshape(b * n, *high_res_pixel_values.shape[2:]))
+      feats = self.aligner(feats, high)  # [B*N, P, D]
+    else:
+      feats = self.aligner(feats)  # [B*N, P, D]
     return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
-               pixel_values: jax.Array | None = None,
+               pixel_values: jax.Array | None = None, high_res_pixel_values: jax.Array | None = None,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Args:
       input_ids: int [B, T]; each image is `tokens_per_image` consecutive image tokens.
       attention_mask: [B, T], 1 for real tokens.
       positions: int [B, T] RoPE positions.
       pixel_values: optional [B, N, S, S, 3]; slots that no image token refers to are ignored.
+      high_res_pixel_values: [B, N, S', S', 3], the same images for the SAM tower (hybrid model only).
       cache: optional KVCache (see LlamaDecoder).
     Returns:
       (logits [B, T, V], cache).
     """
     x = self.language_model.embed(input_ids)  # [B, T, D]
     if pixel_values is not None:
-      x = splice_image_features(x, input_ids == self.config.image_token_id, self.encode_images(pixel_values))
+      feats = self.encode_images(pixel_values, high_res_pixel_values)
+      x = splice_image_features(x, input_ids == self.config.image_token_id, feats)
     return self.language_model(x, positions, attention_mask, cache)

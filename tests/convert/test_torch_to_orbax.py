@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import dvl_jax
 from dvl_jax.convert import convert_checkpoint
-from reference import (hf_logits, hf_model, max_rel_err, random_inputs, tokens_per_image, write_original_layout)
+from reference import (TINY_HYBRID, hf_hybrid_model, hf_logits, hf_model, max_rel_err, random_inputs,
+                       to_torch_images, tokens_per_image, write_original_layout)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-4  # max abs error relative to the max abs logit, float32
@@ -133,6 +134,50 @@ def test_cli_converts_and_reports_errors(tmp_path):
   again = subprocess.run([sys.executable, script, "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "out")],
                          capture_output=True, text=True)
   assert again.returncode == 1 and "is not empty" in again.stderr and "--overwrite" in again.stderr
+
+
+# ----- the hybrid (SAM + SigLIP) model -----
+
+def _assert_hybrid_matches_reference(ref_model, ours):
+  ids, mask, pixels, high = random_inputs(ref_model, IMAGES_PER_ROW, pad=[0, 3])
+  expected = hf_logits(ref_model, ids, mask, pixels, IMAGES_PER_ROW, high_res_pixel_values=high)
+  logits = ours(input_ids=ids, attention_mask=mask, pixel_values=pixels, high_res_pixel_values=high)
+  assert max_rel_err(logits, expected, mask) < TOL
+
+
+@pytest.mark.parametrize("name", list(TINY_HYBRID))
+def test_hybrid_hf_and_original_layouts_match_transformers(tmp_path_factory, name):
+  """Windows that divide the SAM grid and that need padding, one to three global blocks, a non-zero alpha."""
+  ref = hf_hybrid_model(name)
+  src, dst = _convert(tmp_path_factory, ref, f"hybrid_{name}")
+  ours = dvl_jax.load(dst)
+  assert ours.config.is_hybrid
+  assert list(ours.config.high_res.global_attn_indexes) == ref.config.high_res_vision_config.global_attn_indexes
+  alpha = ref.model.high_res_vision_alpha.item()
+  assert alpha != 0 and float(ours.params["high_res_vision_model"]["alpha"][0]) == pytest.approx(alpha, abs=1e-7)
+  _assert_hybrid_matches_reference(ref, ours)
+
+  orig = tmp_path_factory.mktemp(f"hybrid_{name}_original")
+  write_original_layout(src, orig)
+  assert any("neck_hd" in k for k in load_file(os.path.join(orig, "model.safetensors")))
+  dst2 = tmp_path_factory.mktemp(f"hybrid_{name}_dvl2") / "ckpt"
+  messages = []
+  convert_checkpoint(orig, dst2, log=messages.append)
+  assert "original layout" in messages[0] and "4 unused skipped" in messages[0]  # attn_pool x2, layer norms x2
+  _assert_hybrid_matches_reference(ref, dvl_jax.load(dst2))
+
+
+def test_hybrid_high_res_features_match_before_the_aligner(tmp_path_factory):
+  ref = hf_hybrid_model("three_globals", seed=2)
+  _, dst = _convert(tmp_path_factory, ref, "hybrid_features")
+  ours = dvl_jax.load(dst)
+  _, _, _, high = random_inputs(ref, [2])
+  feats = ours.module.apply({"params": ours.params}, jnp.asarray(high[0]),
+                            method=lambda m, x: m.high_res_vision_model(x))
+  with torch.no_grad():
+    expected = ref.model.get_high_res_image_features(to_torch_images(high, [2])).last_hidden_state.numpy()
+  assert feats.shape == expected.shape == (2, 16, 24)
+  assert max_rel_err(feats, expected) < TOL
 
 
 # ----- errors -----
