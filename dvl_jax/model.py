@@ -73,7 +73,7 @@ class Model:
     return KVCache.init(self.config.text, batch_size, max_len, jnp.dtype(self.config.dtype))
 
   def check_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
-                   high_res_pixel_values: Any = None) -> None:
+                   high_res_pixel_values: Any = None, image_mask: Any = None) -> None:
     """Raises a ValueError that names the problem when the inputs do not fit the model."""
     cfg = self.config
     shape = np.shape(input_ids)
@@ -105,7 +105,12 @@ class Model:
     per_image = cfg.tokens_per_image
     counts = (ids == cfg.image_token_id).sum(axis=1)
     slots = 0 if pixel_values is None else np.shape(pixel_values)[1]
+    images = None if image_mask is None or pixel_values is None else np.asarray(image_mask).sum(axis=1)
     for row, count in enumerate(counts):
+      if images is not None and count != images[row] * per_image:
+        raise ValueError(
+            f"Row {row} of input_ids has {count} image tokens (id {cfg.image_token_id}) but image_mask marks "
+            f"{images[row]} image(s) of {per_image} tokens each, {images[row] * per_image} tokens.")
       if count % per_image or count // per_image > slots:
         raise ValueError(
             f"Row {row} of input_ids has {count} image tokens (id {cfg.image_token_id}), but each image takes "
@@ -114,10 +119,11 @@ class Model:
             "pass one image per placeholder.")
 
   def forward(self, input_ids, attention_mask=None, pixel_values=None, positions=None,
-              cache: KVCache | None = None, high_res_pixel_values=None) -> tuple[jax.Array, KVCache | None]:
+              cache: KVCache | None = None, high_res_pixel_values=None,
+              image_mask=None) -> tuple[jax.Array, KVCache | None]:
     """Logits and the updated cache. With a cache, the tokens are appended at `cache.end` (prefill or decode);
     positions then default to continue each row's count of real tokens. The cache is donated."""
-    self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values)
+    self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if positions is None:
@@ -135,7 +141,7 @@ class Model:
                          cache)
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None,
-               high_res_pixel_values=None) -> jax.Array:
+               high_res_pixel_values=None, image_mask=None) -> jax.Array:
     """Logits [B, T, V] of a forward pass without cache.
 
     Args:
@@ -146,9 +152,11 @@ class Model:
       position_ids: int [B, T]; default from the attention mask (cumsum - 1), as transformers' generate.
       high_res_pixel_values: hybrid model only: float [B, N, S', S', 3], the same images at the SAM tower's
         resolution (1024), normalised with the CLIP mean and std.
+      image_mask: optional bool [B, N], the slots that hold an image (the Processor returns it); when given,
+        each row's image-token count must match it exactly.
     """
     return self.forward(input_ids, attention_mask, pixel_values, position_ids,
-                        high_res_pixel_values=high_res_pixel_values)[0]
+                        high_res_pixel_values=high_res_pixel_values, image_mask=image_mask)[0]
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None) -> Model:

@@ -1,0 +1,182 @@
+"""The processor against transformers' DeepseekVLProcessor / DeepseekVLHybridProcessor: ids, masks, pixels,
+both message formats, batching, errors, and end to end through the model."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dvl_jax
+from dvl_jax.convert import convert_checkpoint
+from dvl_jax.processing import Processor
+from reference import DATA, EOS, IMAGE, hf_processor, max_rel_err
+
+DOG, CHART, LOGO, APP = (os.path.join(DATA, n) for n in ("dog_a.png", "chart.png", "logo.png", "app.png"))
+
+
+def user(*items):
+  return {"role": "user", "content": [{"type": "image", "path": x} if x.endswith(".png") else {"type": "text", "text": x}
+                                      for x in items]}
+
+
+def assistant(text):
+  return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+CONVERSATIONS = {
+    "no_image": [user("What is a dog?")],
+    "one_image": [user(DOG, "Describe this image.")],
+    "two_images": [user(DOG, "is Figure 1.", CHART, " is Figure 2. Which is brighter? ")],
+    "multi_turn": [user(DOG, "Describe it."), assistant("A dog."), user("And the colour?")],
+    "system_role": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, user(LOGO, "Read it.")],
+}
+
+
+@pytest.fixture(scope="module")
+def processors(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("proc"))
+  return hf_processor(d, num_image_tokens=16, size=32), Processor.from_pretrained(d)
+
+
+def _hf_inputs(ref, conversation):
+  return ref.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                 padding=True, return_tensors="np")
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_single_conversation_equals_transformers(processors, name):
+  ref, ours = processors
+  conversation = CONVERSATIONS[name]
+  assert ours.apply_chat_template(conversation) == ref.apply_chat_template(conversation, add_generation_prompt=True)
+  expected, got = _hf_inputs(ref, conversation), ours.apply_chat_template(conversation, tokenize=True, return_dict=True)
+  np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+  np.testing.assert_array_equal(got["attention_mask"], expected["attention_mask"])
+  if "pixel_values" in expected:
+    n = expected["pixel_values"].shape[0]
+    assert got["image_mask"].tolist() == [[True] * n]
+    assert np.abs(got["pixel_values"][0] - expected["pixel_values"].transpose(0, 2, 3, 1)).max() < 1e-3
+  else:
+    assert "pixel_values" not in got
+
+
+def test_batch_with_0_1_2_images_per_row_equals_transformers(processors):
+  ref, ours = processors
+  batch = [CONVERSATIONS["two_images"], CONVERSATIONS["no_image"], CONVERSATIONS["multi_turn"]]
+  expected = _hf_inputs(ref, batch)
+  got = ours.apply_chat_template(batch, tokenize=True, return_dict=True)
+  np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])  # left-padded with EOS
+  np.testing.assert_array_equal(got["attention_mask"], expected["attention_mask"])
+  assert got["input_ids"][1, 0] == ours.tokenizer.eos_token_id and got["attention_mask"][1, 0] == 0
+  assert got["image_mask"].tolist() == [[True, True], [False, False], [True, False]]
+  assert got["pixel_values"].shape == (3, 2, 32, 32, 3)
+  assert not got["pixel_values"][1].any() and not got["pixel_values"][2, 1].any()
+  ours_flat = got["pixel_values"][got["image_mask"]]  # row-major, as transformers flattens them
+  assert np.abs(ours_flat - expected["pixel_values"].transpose(0, 2, 3, 1)).max() < 1e-3
+
+
+def test_original_message_format_renders_the_same_prompt(processors):
+  ref, ours = processors
+  original = [
+      {"role": "User", "content": f"{IMAGE}Describe it.", "images": [DOG]},
+      {"role": "Assistant", "content": "A dog."},
+      {"role": "User", "content": f"And {IMAGE} this one?", "images": [CHART]},
+      {"role": "Assistant", "content": ""},
+  ]
+  hf_format = [user(DOG, "Describe it."), assistant("A dog."),
+               {"role": "user", "content": [{"type": "text", "text": "And"}, {"type": "image", "path": CHART},
+                                            {"type": "text", "text": "this one?"}]}]
+  prompt = ours.apply_chat_template(original)
+  # The original joins "And", the image and "this one?" with spaces; the -hf template joins text items with one.
+  assert prompt == ours.apply_chat_template(original[:-1])  # the empty Assistant turn is the generation prompt
+  assert prompt.endswith(f"User: {IMAGE}Describe it.\n\nAssistant: A dog.{EOS}User: And {IMAGE} this one?\n\n"
+                         "Assistant:")
+  assert prompt.startswith("You are a helpful language and vision assistant.")
+  expected = _hf_inputs(ref, [hf_format[:2] + [user("And the colour?")]])
+  got = ours.apply_chat_template([original[:2] + [{"role": "User", "content": "And the colour?"}]], tokenize=True,
+                                 return_dict=True)
+  np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+  inputs = ours.apply_chat_template(original, tokenize=True, return_dict=True)
+  assert inputs["image_mask"].tolist() == [[True, True]]
+  assert (inputs["input_ids"] == ours.tokenizer.image_token_id).sum() == 2 * 16
+
+
+def test_the_documented_prompt_of_the_reference(processors):
+  """ARCHITECTURE.md 3.3: the rendered one-image prompt, byte for byte."""
+  _, ours = processors
+  assert ours.apply_chat_template([user(DOG, "Describe this image.")]) == (
+      "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+      "user provides, and assist the user with a variety of tasks using natural language.\n\nUser: "
+      "<image_placeholder>Describe this image.\n\nAssistant:")
+
+
+def test_hybrid_processor_equals_transformers(tmp_path):
+  ref = hf_processor(str(tmp_path), hybrid=True, num_image_tokens=16, size=32, high_res_size=64)
+  ours = Processor.from_pretrained(tmp_path)
+  assert ours.image_config.is_hybrid
+  batch = [CONVERSATIONS["two_images"], CONVERSATIONS["one_image"]]
+  expected, got = _hf_inputs(ref, batch), ours.apply_chat_template(batch, tokenize=True, return_dict=True)
+  np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+  for key in ("pixel_values", "high_res_pixel_values"):
+    assert np.abs(got[key][got["image_mask"]] - expected[key].transpose(0, 2, 3, 1)).max() < 1e-3, key
+
+
+# ----- bad input -----
+
+def test_placeholder_and_image_counts_must_agree(processors):
+  _, ours = processors
+  with pytest.raises(ValueError, match=r"Prompt 0 has 2 <image_placeholder> placeholder\(s\) but 1 image\(s\)"):
+    ours(f"{IMAGE} and {IMAGE}", [DOG])
+  with pytest.raises(ValueError, match=r"Prompt 1 has 0 .* but 1 image"):
+    ours([f"{IMAGE} a", "b"], [[DOG], [DOG]])
+
+
+def test_prompt_longer_than_the_context_says_length_and_limit(processors):
+  _, ours = processors
+  limited = Processor(ours.tokenizer, ours.image_config, num_image_tokens=16, max_length=40)
+  with pytest.raises(ValueError, match=r"Prompt 0 is \d+ tokens long \(2 image\(s\) x 16 tokens included\), over the "
+                     r"model's limit of 40"):
+    limited(f"{IMAGE}{IMAGE} describe both", [DOG, CHART])
+
+
+def test_unreadable_image_names_the_file(processors, tmp_path):
+  _, ours = processors
+  bad = tmp_path / "broken.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  with pytest.raises(ValueError, match=r"broken\.png"):
+    ours.apply_chat_template([user(str(bad), "What is it?")], tokenize=True, return_dict=True)
+
+
+# ----- end to end -----
+
+def test_messages_to_logits_equal_transformers(tmp_path):
+  """A real image through our processor and model vs the transformers processor and model, same tiny weights."""
+  from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration
+
+  from reference import _randomise, hf_config
+
+  ref_proc = hf_processor(str(tmp_path / "hf"), num_image_tokens=16, size=32)
+  base = hf_config("gqa").to_dict()
+  base["text_config"]["vocab_size"] = len(ref_proc.tokenizer)
+  torch.manual_seed(0)
+  model = DeepseekVLForConditionalGeneration(DeepseekVLConfig(
+      text_config=base["text_config"], vision_config=base["vision_config"], tie_word_embeddings=False,
+      image_token_id=ref_proc.image_token_id)).eval()
+  _randomise(model)
+  model.save_pretrained(tmp_path / "hf")
+  convert_checkpoint(tmp_path / "hf", tmp_path / "dvl", log=lambda *_: None)
+
+  ours_proc, ours = Processor.from_pretrained(tmp_path / "dvl"), dvl_jax.load(tmp_path / "dvl")
+  batch = [CONVERSATIONS["one_image"], CONVERSATIONS["two_images"]]
+  inputs = ours_proc.apply_chat_template(batch, tokenize=True, return_dict=True)
+  logits = ours(**inputs)
+  ref_inputs = ref_proc.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            padding=True, return_tensors="pt")
+  mask = ref_inputs["attention_mask"]
+  pos = mask.cumsum(-1) - 1
+  pos.masked_fill_(mask == 0, 1)
+  with torch.no_grad():
+    expected = model(**ref_inputs, position_ids=pos).logits.numpy()
+  assert max_rel_err(logits, expected, inputs["attention_mask"]) < 1e-4
+  top = np.asarray(logits[:, -1]).argmax(-1)
+  assert ours_proc.batch_decode(top[:, None]) == ref_proc.batch_decode(top[:, None], skip_special_tokens=True)
