@@ -18,7 +18,9 @@ from safetensors.torch import load_file, save_file
 from transformers import (DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLHybridConfig,
                           DeepseekVLHybridForConditionalGeneration)
 
+from dvl_jax import testing
 from dvl_jax.convert.keymap import param_path, to_target_layout
+from dvl_jax.testing import BOS, EOS, IMAGE, hf_image_processor, write_tokenizer  # noqa: F401 (re-exported)
 
 IMAGE_TOKEN_ID = 5  # tiny vocabularies put <image_placeholder> low
 
@@ -282,16 +284,8 @@ def write_original_layout(hf_dir: str, out_dir: str, dtype: torch.dtype | None =
               f)
 
 
-# ----- the reference processor: a small byte-level BPE with DeepSeek's special tokens -----
+# ----- the reference processor (built by dvl_jax.testing) -----
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-BOS, EOS, IMAGE = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>"
-_CORPUS = [
-    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
-    "provides, and assist the user with a variety of tasks using natural language.",
-    "User: Describe this image in detail.\n\nAssistant: A dog sits on the grass; the sky is blue.",
-    "What is in the chart? Which image is brighter? Compare Figure 1 and Figure 2.",
-    "Ünïcödé: café, naïve, 12 años, 東京, 你好, emoji 🙂, tabs\tand  spaces.",
-]
 
 
 def chat_template() -> str:
@@ -299,48 +293,6 @@ def chat_template() -> str:
     return f.read().rstrip("\n")
 
 
-def write_tokenizer(directory: str, vocab_size: int = 320):
-  """Trains a tiny byte-level BPE (as DeepSeek's) and saves it as a transformers LlamaTokenizerFast with BOS,
-  EOS (= pad) and <image_placeholder>, as the -hf checkpoints declare them. Returns the tokenizer."""
-  from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
-  from transformers import LlamaTokenizerFast
-
-  tok = HFTokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(_CORPUS * 10, trainer)
-  tok.add_tokens([IMAGE])
-  tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                     special_tokens=[(BOS, tok.token_to_id(BOS))])
-  fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, add_bos_token=True,
-                            add_eos_token=False, padding_side="left", extra_special_tokens={"image_token": IMAGE})
-  fast.save_pretrained(directory)
-  return fast
-
-
-def hf_image_processor(hybrid: bool = False, size: int = 384, high_res_size: int = 1024, **kwargs):
-  """transformers' PIL-backend image processors as the -hf checkpoints configure them (ARCHITECTURE.md 2.2).
-  They take RGB images: transformers' load_image (files, URLs, chat templates) converts to RGB first."""
-  from transformers import DeepseekVLHybridImageProcessorPil, DeepseekVLImageProcessorPil
-  from transformers.image_utils import PILImageResampling
-
-  half = [0.5, 0.5, 0.5]
-  if hybrid:
-    return DeepseekVLHybridImageProcessorPil(
-        image_mean=half, image_std=half, resample=PILImageResampling.BILINEAR, size={"height": size, "width": size},
-        high_res_size={"height": high_res_size, "width": high_res_size}, **kwargs)
-  return DeepseekVLImageProcessorPil(image_mean=half, image_std=half, size={"height": size, "width": size}, **kwargs)
-
-
 def hf_processor(directory: str, hybrid: bool = False, num_image_tokens: int = 576, **sizes):
-  """A transformers DeepseekVL(Hybrid)Processor with the tiny tokenizer, saved to `directory`."""
-  from transformers import DeepseekVLHybridProcessor, DeepseekVLProcessor
-
-  tokenizer = write_tokenizer(directory)
-  cls = DeepseekVLHybridProcessor if hybrid else DeepseekVLProcessor
-  processor = cls(image_processor=hf_image_processor(hybrid, **sizes), tokenizer=tokenizer,
-                  chat_template=chat_template(), num_image_tokens=num_image_tokens)
-  processor.save_pretrained(directory)
-  return processor
+  """A transformers DeepseekVL(Hybrid)Processor with the tiny tokenizer and the -hf chat template, saved."""
+  return testing.hf_processor(directory, hybrid, num_image_tokens, chat_template=chat_template(), **sizes)
