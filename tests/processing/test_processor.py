@@ -1,6 +1,7 @@
 """The processor against transformers' DeepseekVLProcessor / DeepseekVLHybridProcessor: ids, masks, pixels,
 both message formats, batching, errors, and end to end through the model."""
 
+import json
 import os
 
 import numpy as np
@@ -180,3 +181,27 @@ def test_messages_to_logits_equal_transformers(tmp_path):
   assert max_rel_err(logits, expected, inputs["attention_mask"]) < 1e-4
   top = np.asarray(logits[:, -1]).argmax(-1)
   assert ours_proc.batch_decode(top[:, None]) == ref_proc.batch_decode(top[:, None], skip_special_tokens=True)
+
+
+def test_original_checkpoint_processor_configs(tmp_path):
+  """deepseek-ai/* ship VLMImageProcessor configs: the 1.3B one describes the 384 px image; the 7B one only the
+  1024 px image, so the model config (dvl_config.json of a converted checkpoint) completes the hybrid split."""
+  from reference import write_tokenizer
+
+  write_tokenizer(str(tmp_path))
+  original = {"image_processor_type": "VLMImageProcessor", "image_size": 384, "min_size": 14, "do_normalize": False,
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
+              "background_color": [127, 127, 127]}
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(original))
+  cfg = Processor.from_pretrained(tmp_path).image_config
+  assert (cfg.size, cfg.rounding, cfg.exif_transpose, cfg.is_hybrid, cfg.background) == (384, "floor", False, False,
+                                                                                        (127, 127, 127))
+  clip = dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({**original, "image_size": 1024, **clip}))
+  model = dvl_jax.deepseek_vl_7b()
+  (tmp_path / "dvl_config.json").write_text(json.dumps({"format": "dvl_jax/1", "model": model.to_dict()}))
+  processor = Processor.from_pretrained(tmp_path)
+  cfg = processor.image_config
+  assert (cfg.high_res_size, cfg.size, cfg.resample, cfg.image_mean) == (1024, 384, 2, (0.5, 0.5, 0.5))
+  assert cfg.high_res_background == (122, 116, 104) and processor.num_image_tokens == 576
+  assert processor.max_length == model.text.max_position_embeddings
