@@ -6,18 +6,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import os
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvl_jax import checkpoint
+from dvl_jax import checkpoint, generate
 from dvl_jax.config import ModelConfig
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.nn.vlm import DeepseekVL
+from dvl_jax.sampling import SamplingConfig
 
 
 def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, ...]:
@@ -53,6 +57,15 @@ def _concrete(x: Any) -> np.ndarray | None:
   return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
+@dataclasses.dataclass
+class GenerationOutput:
+  """tokens: int32 [B, max_new_tokens], each row's new tokens then `pad_token_id`; lengths: int32 [B], the new
+  tokens per row (its EOS included)."""
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+
+
 class Model:
   """A DeepSeek-VL model with its params.
 
@@ -60,13 +73,22 @@ class Model:
     config: the ModelConfig.
     params: plain nested dict of arrays, as `DeepseekVL(config).init` lays them out.
     module: the Flax module.
+    generation_defaults: eos_token_id / pad_token_id from the checkpoint's generation_config.json, if any.
   """
 
-  def __init__(self, config: ModelConfig, params: Any):
+  def __init__(self, config: ModelConfig, params: Any, generation_defaults: dict[str, Any] | None = None):
     self.config = config
     self.params = params
     self.module = DeepseekVL(config)
+    self.generation_defaults = dict(generation_defaults or {})
     self._forward = jax.jit(self.module.apply, donate_argnames=("cache",))
+    gen_static = ("pad_id", "sampling")
+    self._prefill = jax.jit(functools.partial(generate.prefill, self.module), donate_argnames=("cache",),
+                            static_argnames=(*gen_static, "max_new_tokens"))
+    self._decode = jax.jit(functools.partial(generate.decode, self.module), donate_argnames=("state",),
+                           static_argnames=gen_static)
+    self._decode_step = jax.jit(functools.partial(generate.decode_step, self.module), donate_argnames=("state",),
+                                static_argnames=gen_static)
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     """An empty KV cache for `batch_size` rows and `max_len` slots, in the compute dtype."""
@@ -159,6 +181,73 @@ class Model:
                         high_res_pixel_values=high_res_pixel_values, image_mask=image_mask)[0]
 
 
+  # ----- generation -----
+  def _start(self, input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask, max_new_tokens,
+             sampling, eos_token_id, pad_token_id, seed):
+    """Validates, pads the prompt to its length bucket, prefills. Returns (state, eos ids, pad id)."""
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask)
+    eos = eos_token_id if eos_token_id is not None else self.generation_defaults.get("eos_token_id")
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = pad_token_id if pad_token_id is not None else self.generation_defaults.get("pad_token_id")
+    pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    b, t = ids.shape
+    bucket = generate.bucket_length(t)
+    if bucket + max_new_tokens > self.config.text.max_position_embeddings:
+      raise ValueError(f"The prompt ({t} tokens, padded to {bucket}) plus max_new_tokens={max_new_tokens} exceeds the "
+                       f"model's {self.config.text.max_position_embeddings} positions.")
+    extra = bucket - t  # left padding: masked out, never attended, not counted by the repetition penalty
+    penalised = np.concatenate([np.full((b, extra), -1, np.int32), ids], axis=1)
+    ids = np.concatenate([np.full((b, extra), pad, np.int32), ids], axis=1)
+    mask = np.concatenate([np.zeros((b, extra), np.int32), mask], axis=1)
+    dtype = jnp.dtype(self.config.dtype)
+    pixels = None if pixel_values is None else jnp.asarray(pixel_values, dtype)
+    high = None if pixels is None or high_res_pixel_values is None else jnp.asarray(high_res_pixel_values, dtype)
+    state = self._prefill(self.params, jnp.asarray(ids), jnp.asarray(mask), positions_from_mask(jnp.asarray(mask)),
+                          pixels, high, self.init_cache(b, bucket + max_new_tokens), jax.random.key(seed),
+                          jnp.asarray(eos_ids, jnp.int32), jnp.asarray(penalised), pad_id=int(pad),
+                          max_new_tokens=int(max_new_tokens), sampling=sampling)
+    return state, jnp.asarray(eos_ids, jnp.int32), int(pad)
+
+  def generate(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None, image_mask=None,
+               *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int | None = None, seed: int = 0) -> GenerationOutput:
+    """Generates up to `max_new_tokens` per row; `model.generate(**processor_output, ...)` works.
+
+    Greedy by default; do_sample=True samples with temperature, top_k (0: off) and top_p (1.0: off).
+    repetition_penalty (1.0: off) applies to every token already in the row, prompt included. A row stops at any
+    of `eos_token_id` (default: the checkpoint's generation_config.json); the whole loop stops when all rows have.
+    The same seed gives the same samples.
+    """
+    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty)
+    state, eos_ids, pad = self._start(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask,
+                                      max_new_tokens, sampling, eos_token_id, pad_token_id, seed)
+    state = self._decode(self.params, state, eos_ids, pad_id=pad, sampling=sampling)
+    return GenerationOutput(tokens=np.asarray(state.tokens), lengths=np.asarray(state.lengths))
+
+  def stream(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None, image_mask=None,
+             **kwargs) -> Iterator[np.ndarray]:
+    """Like generate, but yields each step's tokens int32 [B] as they are produced (rows that have stopped
+    yield the pad id). Steps from Python: for interactive use, not throughput."""
+    max_new_tokens = kwargs.pop("max_new_tokens", 64)
+    seed, eos_token_id, pad_token_id = kwargs.pop("seed", 0), kwargs.pop("eos_token_id", None), kwargs.pop(
+        "pad_token_id", None)
+    sampling = SamplingConfig(**kwargs)
+    state, eos_ids, pad = self._start(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask,
+                                      max_new_tokens, sampling, eos_token_id, pad_token_id, seed)
+    for step in range(max_new_tokens):
+      if step:
+        state = self._decode_step(self.params, state, eos_ids, pad_id=pad, sampling=sampling)
+      yield np.asarray(state.tokens[:, step])
+      if bool(state.done.all()):
+        return
+
+
 def load(path: str | os.PathLike, *, dtype: str | None = None) -> Model:
   """Restores a checkpoint written by convert/torch_to_orbax.py.
 
@@ -171,4 +260,10 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> Model:
     config = config.replace(dtype=dtype, param_dtype=dtype)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params(config))
-  return Model(config, checkpoint.restore_params(path, target))
+  generation = {}
+  gen_file = os.path.join(os.fspath(path), "generation_config.json")
+  if os.path.isfile(gen_file):
+    with open(gen_file) as f:
+      raw = json.load(f)
+    generation = {k: raw[k] for k in ("eos_token_id", "pad_token_id") if raw.get(k) is not None}
+  return Model(config, checkpoint.restore_params(path, target), generation)

@@ -100,7 +100,7 @@ class LlamaDecoder(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder over T new tokens.
 
     Args:
@@ -109,6 +109,7 @@ class LlamaDecoder(nn.Module):
       attention_mask: [B, T], 1 for real tokens, 0 for padding.
       cache: None for a plain forward (tokens attend only to each other, causally); otherwise the tokens
         are written at slots [cache.end, cache.end + T) and attend to everything written before.
+      last_only: compute logits for the last position only (prefill before sampling): [B, 1, V].
     Returns:
       (logits [B, T, V], the updated cache or None).
     """
@@ -124,6 +125,8 @@ class LlamaDecoder(nn.Module):
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "act_embed"))
     layers = jnp.arange(self.config.num_layers)
     (x, cache_kv), _ = self.layers((x, cache_kv), layers, sin, cos, mask, write_index)
+    if last_only:
+      x = x[:, -1:]
     logits = self.lm_head(self.norm(x))  # [B, T, V]
     logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
     if cache is not None:

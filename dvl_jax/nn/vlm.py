@@ -70,7 +70,7 @@ class DeepseekVL(nn.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                pixel_values: jax.Array | None = None, high_res_pixel_values: jax.Array | None = None,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Args:
       input_ids: int [B, T]; each image is `tokens_per_image` consecutive image tokens.
       attention_mask: [B, T], 1 for real tokens.
@@ -78,6 +78,7 @@ class DeepseekVL(nn.Module):
       pixel_values: optional [B, N, S, S, 3]; slots that no image token refers to are ignored.
       high_res_pixel_values: [B, N, S', S', 3], the same images for the SAM tower (hybrid model only).
       cache: optional KVCache (see LlamaDecoder).
+      last_only: logits of the last position only, [B, 1, V].
     Returns:
       (logits [B, T, V], cache).
     """
@@ -85,4 +86,4 @@ class DeepseekVL(nn.Module):
     if pixel_values is not None:
       feats = self.encode_images(pixel_values, high_res_pixel_values)
       x = splice_image_features(x, input_ids == self.config.image_token_id, feats)
-    return self.language_model(x, positions, attention_mask, cache)
+    return self.language_model(x, positions, attention_mask, cache, last_only)

@@ -1,0 +1,117 @@
+"""Autoregressive generation over the static KV cache: one prefill call, then one jitted `lax.while_loop`.
+
+prefill: encodes the images, fills the cache with the (left-padded, length-bucketed) prompt and samples the
+  first token. decode: each step feeds the last token of every row at the next cache slot, samples, and
+  stops a row at its EOS; the loop exits when every row has stopped or `max_new_tokens` is reached. The cache
+  is donated to both calls, so it is updated in place. Positions continue each row's count of real tokens, as
+  transformers' generate derives them from the attention mask.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dvl_jax.nn.kv_cache import KVCache
+from dvl_jax.sampling import SamplingConfig, next_tokens
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Attributes:
+    cache: the KV cache.
+    tokens: int32 [B, M], the new tokens so far; `pad_id` after a row's end and beyond `step`.
+    step: int32 [], how many tokens have been produced.
+    done: bool [B], rows that produced an EOS.
+    lengths: int32 [B], new tokens per row, its EOS included.
+    seen: bool [B, V] tokens in each sequence (prompt included), for the repetition penalty; [B, 1] if unused.
+    rng: the PRNG key.
+  """
+
+  cache: KVCache
+  tokens: jax.Array
+  step: jax.Array
+  done: jax.Array
+  lengths: jax.Array
+  seen: jax.Array
+  rng: jax.Array
+
+
+def _mark(seen: jax.Array, tokens: jax.Array) -> jax.Array:
+  """seen [B, V] with seen[b, tokens[b, ...]] set; ids outside [0, V) (the bucket padding) are ignored."""
+  if seen.shape[1] == 1:
+    return seen
+  rows = jnp.arange(seen.shape[0])[:, None]
+  return seen.at[rows, tokens.reshape(tokens.shape[0], -1)].set(True, mode="drop")
+
+
+def _record(state: DecodeState, logits: jax.Array, cache: KVCache, eos_ids: jax.Array, pad_id: int,
+            sampling: SamplingConfig) -> DecodeState:
+  """Samples from logits [B, V], appends the token at `state.step` and updates the stop flags."""
+  rng, key = jax.random.split(state.rng)
+  token = next_tokens(logits, state.seen, key, sampling)
+  token = jnp.where(state.done, pad_id, token)
+  tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
+  lengths = state.lengths + (~state.done).astype(jnp.int32)
+  done = state.done | jnp.isin(token, eos_ids)
+  return DecodeState(cache=cache, tokens=tokens, step=state.step + 1, done=done, lengths=lengths,
+                     seen=_mark(state.seen, token[:, None]), rng=rng)
+
+
+def prefill(module: nn.Module, params, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
+            pixel_values: jax.Array | None, high_res_pixel_values: jax.Array | None, cache: KVCache, rng: jax.Array,
+            eos_ids: jax.Array, penalised_ids: jax.Array, *, pad_id: int, max_new_tokens: int,
+            sampling: SamplingConfig) -> DecodeState:
+  """Runs the prompt [B, T] through the model into the cache and samples the first new token.
+
+  penalised_ids: int [B, T], the prompt tokens the repetition penalty counts (transformers counts the caller's
+  padding too, not ours: the bucket padding is marked -1).
+  """
+  logits, cache = module.apply({"params": params}, input_ids, attention_mask, positions, pixel_values,
+                               high_res_pixel_values, cache, last_only=True)
+  b, vocab = logits.shape[0], logits.shape[-1]
+  seen = jnp.zeros((b, vocab if sampling.repetition_penalty != 1.0 else 1), bool)
+  state = DecodeState(cache=cache, tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                      step=jnp.zeros((), jnp.int32), done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
+                      seen=_mark(seen, jnp.where(penalised_ids < 0, vocab, penalised_ids)), rng=rng)
+  return _record(state, logits[:, 0], cache, eos_ids, pad_id, sampling)
+
+
+def decode_step(module: nn.Module, params, state: DecodeState, eos_ids: jax.Array, *, pad_id: int,
+                sampling: SamplingConfig) -> DecodeState:
+  """Feeds every row's last token at the next cache slot and samples the following one."""
+  last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [B, 1]
+  positions = state.cache.next_positions()[:, None]
+  logits, cache = module.apply({"params": params}, last, jnp.ones_like(last), positions, None, None, state.cache,
+                               last_only=True)
+  return _record(state, logits[:, 0], cache, eos_ids, pad_id, sampling)
+
+
+def decode(module: nn.Module, params, state: DecodeState, eos_ids: jax.Array, *, pad_id: int,
+           sampling: SamplingConfig) -> DecodeState:
+  """decode_step on device until every row is done or the token buffer is full."""
+
+  def cond(s: DecodeState):
+    return (s.step < s.tokens.shape[1]) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    return decode_step(module, params, s, eos_ids, pad_id=pad_id, sampling=sampling)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def bucket_length(length: int, minimum: int = 64) -> int:
+  """Prompt lengths are padded up to a power of two (at least `minimum`) up to 2048, then to a multiple of
+  1024: a batch job over many prompt lengths compiles a handful of programs."""
+  if length <= 2048:
+    return max(minimum, 1 << (length - 1).bit_length())
+  return -(-length // 1024) * 1024
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Keeps compiled programs in `directory` across processes (JAX's persistent compilation cache)."""
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
