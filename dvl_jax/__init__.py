@@ -1,13 +1,25 @@
 """dvl_jax: DeepSeek-VL in JAX/Flax."""
 
+import os as _os
+
+# XLA:CPU's concurrency-optimised scheduler runs independent ops side by side, and on a small host they fight
+# the matmuls' own threads: measured on 2 cores, the 130M decode step ran 1.25x slower with it and a plain
+# unrolled stack of 12 layers' matmuls 9x slower (BENCHMARKS.md). CPU-only flag, read when JAX starts its CPU
+# backend; set it yourself (=true) to keep XLA's default.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_FLAGS", ""):
+  _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") +
+                              " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+
 from dvl_jax.config import (AlignerConfig, LlamaConfig, ModelConfig, SamConfig, SiglipConfig, deepseek_vl_1_3b,
                             deepseek_vl_7b, from_hf_config, preset, tiny)
-from dvl_jax.model import Model, abstract_params, init_params, load
+from dvl_jax.generate import enable_compilation_cache
+from dvl_jax.model import GenerationOutput, Model, abstract_params, init_params, load
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.processing import Processor
 
 __all__ = [
     "AlignerConfig", "KVCache", "LlamaConfig", "Model", "ModelConfig", "Processor", "SamConfig", "SiglipConfig",
-    "abstract_params", "deepseek_vl_1_3b", "deepseek_vl_7b", "from_hf_config", "init_params", "load",
+    "GenerationOutput", "abstract_params", "deepseek_vl_1_3b", "deepseek_vl_7b", "enable_compilation_cache",
+    "from_hf_config", "init_params", "load",
     "preset", "tiny",
 ]

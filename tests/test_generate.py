@@ -162,8 +162,9 @@ def test_repetition_penalty_and_temperature_equal_transformers():
 # ----- shapes, options and errors -----
 
 def test_prompt_lengths_fall_in_few_buckets():
-  assert {bucket_length(t) for t in range(1, 2049)} == {64, 128, 256, 512, 1024, 2048}
-  assert bucket_length(2049) == 3072 and bucket_length(600) == 1024
+  assert {bucket_length(t) for t in range(1, 4097)} == {128 * i for i in range(1, 9)} | {1536, 2048, 2560, 3072,
+                                                                                         3584, 4096}
+  assert bucket_length(600) == 640 and bucket_length(4097) == 6144 and bucket_length(128) == 128
 
 
 def test_generation_errors(models):
@@ -177,3 +178,14 @@ def test_generation_errors(models):
     ours.generate(ids, mask, pixels, do_sample=True, top_p=0.0)
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
     ours.generate(ids, mask, pixels, max_new_tokens=0)
+
+
+def test_compilation_cache_option(tmp_path):
+  previous = jax.config.jax_compilation_cache_dir
+  try:
+    dvl_jax.enable_compilation_cache(str(tmp_path))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+    assert any(tmp_path.iterdir()), "nothing was written to the persistent compilation cache"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
