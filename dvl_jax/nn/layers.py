@@ -53,8 +53,11 @@ class Linear(nn.Module):
     kernel = param(self, "kernel", default_init, (*self.out_shape, *x.shape[x.ndim - n_in:]), self.axes,
                    self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_out, n_out + n_in)))
-    y = lax.dot_general(x, kernel, (contract, ((), ())))  # [..., *out_shape]
+    # The kernel is the dot's left operand: XLA:CPU then reads it in its stored [out, in] order instead of
+    # transposing a copy of it on every call; the (small) [*out, ...] result is transposed back.
+    contract = (tuple(range(n_out, n_out + n_in)), tuple(range(x.ndim - n_in, x.ndim)))
+    y = lax.dot_general(kernel, x, (contract, ((), ())))  # [*out_shape, ...]
+    y = jnp.moveaxis(y, tuple(range(n_out)), tuple(range(y.ndim - n_out, y.ndim)))  # [..., *out_shape]
     if self.use_bias:
       y = y + param(self, "bias", nn.initializers.zeros, self.out_shape, self.axes[:n_out],
                     self.param_dtype).astype(self.dtype)
