@@ -47,8 +47,32 @@ class LlamaConfig:
       raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads}).")
 
 
+class _VitGeometry:
+  """Checks and derived sizes shared by the two image towers' configs."""
+
+  image_size: int
+  patch_size: int
+  embed_dim: int
+  num_heads: int
+
+  def _check_geometry(self, *positive: str) -> None:
+    _check_positive(self, "image_size", "patch_size", "embed_dim", "mlp_dim", "num_layers", "num_heads", *positive)
+    if self.image_size % self.patch_size:
+      raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size}).")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim}).")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SiglipConfig:
+class SiglipConfig(_VitGeometry):
   """The SigLIP ViT as DeepSeek-VL uses it (no class token, no attention-pool head, final LayerNorm applied).
 
   Defaults: `siglip_large_patch16_384`.
@@ -63,23 +87,15 @@ class SiglipConfig:
   norm_eps: float = 1e-6
 
   def __post_init__(self):
-    _check_positive(self, "image_size", "patch_size", "embed_dim", "mlp_dim", "num_layers", "num_heads")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size}).")
-    if self.embed_dim % self.num_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim}).")
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
+    self._check_geometry()
 
   @property
   def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    return self.grid_size**2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SamConfig:
+class SamConfig(_VitGeometry):
   """The SAM-B ViTDet high-resolution tower of the hybrid (7B) model. Defaults: `sam_b_downsample`.
 
   Blocks in `global_attn_indexes` attend over the whole grid; the others within `window_size` windows. The
@@ -98,25 +114,12 @@ class SamConfig:
   norm_eps: float = 1e-6
 
   def __post_init__(self):
-    _check_positive(self, "image_size", "patch_size", "embed_dim", "mlp_dim", "num_layers", "num_heads",
-                    "window_size", "neck_dim")
+    self._check_geometry("window_size", "neck_dim")
     object.__setattr__(self, "global_attn_indexes", tuple(self.global_attn_indexes))
     bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
     if bad or not self.global_attn_indexes:
       raise ValueError(f"global_attn_indexes {list(self.global_attn_indexes)} must name at least one of the "
                        f"{self.num_layers} layers (DeepSeek-VL reads the first global block's output).")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size}).")
-    if self.embed_dim % self.num_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim}).")
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
-
-  @property
-  def grid_size(self) -> int:
-    return self.image_size // self.patch_size
 
   @property
   def out_dim(self) -> int:
