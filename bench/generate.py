@@ -97,7 +97,10 @@ def bench_hf(model, batch: int, new_tokens: int) -> dict[str, float]:
   return {"prefill_s": prefill, "step_s": (total - prefill) / (new_tokens - 1)}
 
 
-def bench_ours(ckpt: str, batch: int, new_tokens: int, dtype: str | None) -> dict[str, float]:
+def bench_ours(ckpt: str, batch: int, new_tokens: int, dtype: str | None,
+               reference: np.ndarray | None = None) -> dict:
+  """Times dvl_jax; with `reference` tokens (the float32 run's), also the top-1 agreement: the share of
+  positions where this model's argmax, fed the reference's prefix (teacher forcing), is the reference token."""
   import dvl_jax
 
   model = dvl_jax.load(ckpt, dtype=dtype)
@@ -112,7 +115,13 @@ def bench_ours(ckpt: str, batch: int, new_tokens: int, dtype: str | None) -> dic
   first_total = time.perf_counter() - start
   total = timed(lambda: run(new_tokens), 1)
   compile_s = (first_prefill - prefill) + (first_total - total)
-  return {"prefill_s": prefill, "step_s": (total - prefill) / (new_tokens - 1), "compile_s": compile_s}
+  result = {"prefill_s": prefill, "step_s": (total - prefill) / (new_tokens - 1), "compile_s": compile_s,
+            "tokens": run(new_tokens).tokens}
+  if reference is not None:
+    seq = np.concatenate([ids, reference[:, :-1]], axis=1)
+    logits = model(seq, np.ones_like(seq), pixels)[:, ids.shape[1] - 1:]  # [B, new_tokens, V]
+    result["top1"] = float(np.mean(np.argmax(np.asarray(logits, np.float32), -1) == reference))
+  return result
 
 
 def main() -> None:
@@ -125,7 +134,9 @@ def main() -> None:
 
   bandwidth, gflops = machine_floor()
   hf = build_hf(args.size)
-  text_params = sum(p.numel() for n, p in hf.named_parameters() if "language_model" in n or "lm_head" in n)
+  # Decoder weights a step reads in full (and prefill multiplies by): all but the embedding table, a gather.
+  text_params = sum(p.numel() for n, p in hf.named_parameters()
+                    if ("language_model" in n or "lm_head" in n) and "embed_tokens" not in n)
   vision_params = sum(p.numel() for n, p in hf.named_parameters() if "vision_model" in n or "aligner" in n)
   cfg = hf.config.text_config
   results = {"transformers": {b: bench_hf(hf, b, args.new_tokens) for b in args.batch}}
@@ -136,27 +147,33 @@ def main() -> None:
     subprocess.run([sys.executable, os.path.join(ROOT, "convert", "torch_to_orbax.py"), "--src",
                     os.path.join(tmp, "hf"), "--dst", os.path.join(tmp, "dvl")], check=True, stdout=subprocess.DEVNULL)
     for dtype in args.dtypes:
-      results[f"dvl_jax {dtype}"] = {b: bench_ours(os.path.join(tmp, "dvl"), b, args.new_tokens, dtype)
-                                     for b in args.batch}
+      reference = results.get("dvl_jax float32")
+      results[f"dvl_jax {dtype}"] = {
+          b: bench_ours(os.path.join(tmp, "dvl"), b, args.new_tokens, dtype,
+                        None if reference is None or dtype == "float32" else reference[b]["tokens"])
+          for b in args.batch}
 
   seq = 576 + 24 + args.new_tokens // 2  # average context during decode
-  kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+  kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
   print(f"\nmachine: {os.cpu_count()} cores; measured now: {bandwidth:.1f} GB/s (float32 matvec), "
-        f"{gflops:.0f} GFLOP/s (float32 2048^3 matmul); text params {text_params / 1e6:.1f} M, "
+        f"{gflops:.0f} GFLOP/s (float32 2048^3 matmul); decoder params read per step (embedding "
+        f"excluded) {text_params / 1e6:.1f} M, "
         f"vision+aligner {vision_params / 1e6:.1f} M\n")
-  print("| run | batch | prefill s (floor) | decode ms/step (floor) | tokens/s | vs transformers | compile s |")
-  print("|---|---|---|---|---|---|---|")
+  print("| run | batch | prefill s (floor) | decode ms/step (floor) | tokens/s | vs transformers | compile s | "
+        "top-1 vs float32 |")
+  print("|---|---|---|---|---|---|---|---|")
   for name, per_batch in results.items():
+    width = 2 if name.endswith("bfloat16") else 4  # bytes per weight and per cached value
     for b, r in per_batch.items():
       prefill_flops = 2 * text_params * 600 * b + 2 * vision_params * 576 * b
-      step_floor = (text_params * 4 + kv_per_token * seq * b) / (bandwidth * 1e9)
+      step_floor = (text_params + kv_per_token * seq * b) * width / (bandwidth * 1e9)
       ref = results["transformers"][b]
       ratio = "" if name == "transformers" else (f"prefill {ref['prefill_s'] / r['prefill_s']:.2f}x, "
                                                  f"decode {ref['step_s'] / r['step_s']:.2f}x")
+      top1 = f"{r['top1'] * 100:.1f}%" if "top1" in r else ""
       print(f"| {name} | {b} | {r['prefill_s']:.2f} ({prefill_flops / gflops / 1e9:.2f}) | "
             f"{r['step_s'] * 1e3:.1f} ({step_floor * 1e3:.1f}) | {b / r['step_s']:.1f} | {ratio} | "
-            f"{r.get('compile_s', float('nan')):.1f} |")
-
+            f"{r.get('compile_s', float('nan')):.1f} | {top1} |")
 
 if __name__ == "__main__":
   main()

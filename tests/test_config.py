@@ -102,8 +102,9 @@ def test_params_carry_logical_axis_names():
     assert len(leaf.names) == len(leaf.value.shape), jax.tree_util.keystr(path)
     named = [n for n in leaf.names if n is not None]
     assert len(named) == len(set(named)), f"{jax.tree_util.keystr(path)} repeats a logical axis: {leaf.names}"
-  q = boxed["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
-  assert q.names == ("layers", "heads", "head_dim", "embed")
+  q = boxed["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert q.names == ("heads", "head_dim", "embed")
+  assert boxed["vision_model"]["layers"]["mlp"]["fc1"]["kernel"].names[0] == "layers"  # SigLIP stays scanned
 
 
 def test_hf_config_round_trip():

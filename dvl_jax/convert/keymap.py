@@ -72,7 +72,7 @@ HF_PREFIXES: list[tuple[re.Pattern, str, bool]] = [
         (r"model\.high_res_vision_neck\.", "high_res_vision_model/neck_hd", False),
         (r"model\.high_res_vision_proj\.conv(\d)\.", "high_res_vision_model/downsample{}", False),
         (r"model\.high_res_vision_alpha$", "high_res_vision_model/alpha", False),
-        (r"model\.language_model\.layers\.(\d+)\.", "language_model/layers", True),
+        (r"model\.language_model\.layers\.(\d+)\.", "language_model/layers_{}", False),
         (r"model\.language_model\.", "language_model", False),
         (r"model\.vision_model\.(?:vision_model\.)?encoder\.layers\.(\d+)\.", "vision_model/layers", True),
         (r"model\.vision_model\.(?:vision_model\.)?embeddings\.", "vision_model", False),

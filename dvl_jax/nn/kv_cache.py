@@ -2,8 +2,9 @@
 
 Preallocated to a fixed number of slots S; every call writes its T new tokens at slots [end, end + T) of
 all rows at once (rows of a left-padded batch advance in lockstep) and marks the real ones in `valid`.
-Layout `[L, B, K, S, H]`: a query reads one contiguous [S, H] block per (row, kv head), which XLA:CPU reads
-5-10x faster than `[B, S, K, H]` (../shared/PERF_NOTES.md).
+One `[B, K, S, H]` array per layer for k and for v: a query reads one contiguous [S, H] block per (row, kv
+head), which XLA:CPU reads 5-10x faster than `[B, S, K, H]` (../shared/PERF_NOTES.md); and separate arrays,
+not one `[L, ...]` stack, because XLA:CPU copies a slice of a stack into its own buffer before a dot reads it.
 """
 
 from __future__ import annotations
@@ -15,31 +16,32 @@ import jax.numpy as jnp
 from dvl_jax.config import LlamaConfig
 
 # Logical axes of k and v, for sharding.
-CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_seq", "head_dim")
+CACHE_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
   """Attributes:
-    k, v: [L, B, K, S, H].
+    k, v: tuples of L arrays [B, K, S, H], one per layer.
     valid: bool [B, S], slots that hold a real token (False for padding and for slots not written yet).
     end: int32 [], the number of slots written so far (the next write starts here).
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   valid: jax.Array
   end: jax.Array
 
   @classmethod
   def init(cls, config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+    layers = range(config.num_layers)
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                valid=jnp.zeros((batch_size, max_len), bool), end=jnp.zeros((), jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[3]
+    return self.valid.shape[1]
 
   def next_positions(self) -> jax.Array:
     """int [B]: the position of each row's next token (its count of real tokens so far)."""

@@ -1,8 +1,10 @@
 """The LLaMA-style decoder of DeepSeek-VL: RMSNorm, rotate-half RoPE, GQA attention, SwiGLU, untied lm_head.
 
-The layers run under `nn.scan` (params carry a leading layer axis). The KV cache is an explicit argument
-and return value; the whole cache rides in the scan carry and each layer writes its own slice in place
-(returning per-layer caches as scan outputs would copy the whole cache every step).
+The layers are unrolled, each with its own params (`layers_{i}`) and its own KV-cache arrays. Under `nn.scan`
+the params carry a leading layer axis and XLA:CPU copies each layer's slice of the weights and of the cache
+into a fresh buffer before every matmul that reads it (its dot kernels take whole buffers): at batch 8 that
+was a quarter of the decode step (BENCHMARKS.md). The cost is compile time: ~8 s instead of ~2 s for the
+1.3B decoder's prefill on this CPU. The KV cache is an explicit argument and return value, updated in place.
 Ref: transformers LlamaForCausalLM.
 """
 
@@ -18,7 +20,7 @@ from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention,
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.nn.layers import Dtype, Linear, RMSNorm, SwiGLU, default_init
 
-CacheKV = tuple[jax.Array, jax.Array] | None  # (k, v), each [L, B, K, S, H]
+CacheKV = tuple[jax.Array, jax.Array] | None  # one layer's (k, v), each [B, K, S, H]
 
 
 class LlamaAttention(nn.Module):
@@ -30,8 +32,9 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, cache_kv: CacheKV,
-               layer: jax.Array, write_index: jax.Array) -> tuple[jax.Array, CacheKV]:
-    """x: [B, T, D]; sin, cos: [B, T, H]; mask: bool [B, T, S]. Returns ([B, T, D], cache_kv)."""
+               write_index: jax.Array) -> tuple[jax.Array, CacheKV]:
+    """x: [B, T, D]; sin, cos: [B, T, H]; mask: bool [B, T, S]; cache_kv: this layer's cache or None, the new
+    k, v written at slot `write_index`. Returns ([B, T, D], cache_kv)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, kvh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -41,13 +44,9 @@ class LlamaAttention(nn.Module):
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
     if cache_kv is not None:
-      cache_k, cache_v = cache_kv
-      start = (layer, 0, 0, write_index, 0)
-      cache_k = lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-      cache_v = lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-      k = lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)  # [B, K, S, H]
-      v = lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
-      cache_kv = (cache_k, cache_v)
+      start = (0, 0, write_index, 0)
+      cache_kv = tuple(lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache_kv, (k, v)))
+      k, v = (c.astype(self.dtype) for c in cache_kv)  # [B, K, S, H]
     out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
     out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
     out = Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="o_proj", **kw)(out)
@@ -62,22 +61,21 @@ class LlamaDecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, carry: tuple[jax.Array, CacheKV], layer: jax.Array, sin: jax.Array, cos: jax.Array,
-               mask: jax.Array, write_index: jax.Array):
-    """The scan body: carry (x [B, T, D], cache_kv), layer index []. Returns (carry, None)."""
+  def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, cache_kv: CacheKV,
+               write_index: jax.Array) -> tuple[jax.Array, CacheKV]:
+    """x: [B, T, D]; the rest as LlamaAttention. Returns ([B, T, D], cache_kv)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x, cache_kv = carry
     h = RMSNorm(cfg.norm_eps, name="input_layernorm", **kw)(x)
-    h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, layer, write_index)
+    h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, write_index)
     x = x + h
     x = x + SwiGLU(cfg.mlp_dim, name="mlp", **kw)(RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **kw)(x))
     x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
-    return (x, cache_kv), None
+    return x, cache_kv
 
 
 class LlamaDecoder(nn.Module):
-  """Token embedding, the scanned layers, final norm and lm_head."""
+  """Token embedding, the layers, final norm and lm_head."""
 
   config: LlamaConfig
   dtype: Dtype = jnp.float32
@@ -88,10 +86,7 @@ class LlamaDecoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=nn.with_logical_partitioning(
         default_init, ("vocab", "embed")), **kw)
-    scanned = nn.scan(LlamaDecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    self.layers = scanned(cfg, **kw)
+    self.layers = [LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
     self.norm = RMSNorm(cfg.norm_eps, **kw)
     self.lm_head = Linear((cfg.vocab_size,), ("vocab", "embed"), **kw)
 
@@ -116,19 +111,23 @@ class LlamaDecoder(nn.Module):
     t = x.shape[1]
     valid = attention_mask.astype(bool)
     if cache is None:
-      write_index, cache_kv = jnp.zeros((), jnp.int32), None
+      write_index = jnp.zeros((), jnp.int32)
     else:
-      write_index, cache_kv = cache.end, (cache.k, cache.v)
+      write_index = cache.end
       valid = lax.dynamic_update_slice(cache.valid, valid, (0, write_index))  # [B, S]
     mask = causal_mask(write_index + jnp.arange(t), valid)  # [B, T, S]
     sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "act_embed"))
-    layers = jnp.arange(self.config.num_layers)
-    (x, cache_kv), _ = self.layers((x, cache_kv), layers, sin, cos, mask, write_index)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      x, layer_kv = layer(x, sin, cos, mask, None if cache is None else (cache.k[i], cache.v[i]), write_index)
+      if cache is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
     if last_only:
       x = x[:, -1:]
     logits = self.lm_head(self.norm(x))  # [B, T, V]
     logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
     if cache is not None:
-      cache = KVCache(k=cache_kv[0], v=cache_kv[1], valid=valid, end=write_index + t)
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, end=write_index + t)
     return logits, cache

@@ -227,6 +227,13 @@ def test_error_config_has_fewer_layers_than_weights(tmp_path):
     convert_checkpoint(src, tmp_path / "out")
 
 
+def test_error_config_has_fewer_decoder_layers_than_weights(tmp_path):
+  src = _hf_dir(tmp_path)
+  _edit_config(src, lambda c: c["text_config"].update(num_hidden_layers=1))
+  with pytest.raises(ValueError, match=r"unexpected tensors:\n.*language_model\.layers\.1\."):
+    convert_checkpoint(src, tmp_path / "out")
+
+
 def test_error_lists_missing_and_unexpected_keys(tmp_path):
   src = _hf_dir(tmp_path)
   sd = load_file(src / "model.safetensors")

@@ -36,9 +36,9 @@ def test_decoder_layer_matches_transformers(heads, kv_heads):
   sin, cos = rope_sin_cos(jnp.asarray(positions), h, cfg.rope_theta)
   mask = causal_mask(jnp.arange(t), jnp.asarray(attn, bool))
   layer = LlamaDecoderLayer(cfg)
-  args = ((jnp.asarray(x), None), jnp.zeros((), jnp.int32), sin, cos, mask, jnp.zeros((), jnp.int32))
+  args = (jnp.asarray(x), sin, cos, mask, None, jnp.zeros((), jnp.int32))
   params = torch_params(layer, ref_layer, *args)
-  (ours, _), _ = layer.apply({"params": params}, *args)
+  ours, _ = layer.apply({"params": params}, *args)
 
   rope = LlamaRotaryEmbedding(hf_cfg)
   ref_cos, ref_sin = rope(torch.tensor(x), torch.tensor(positions))
