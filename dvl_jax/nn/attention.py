@@ -49,9 +49,29 @@ def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
   return (s[None, None, :] <= q_slots[None, :, None]) & kv_valid[:, None, :]
 
 
+def query_block(t: int) -> int:
+  """Queries per block of `dot_product_attention`: the largest divisor of t in [64, 128], else t (one block).
+
+  A block's [T', S] float32 logits stay in cache through the softmax, and memory does not grow with T^2: on
+  XLA:CPU, one layer of a 640-token prefill against a 664-slot cache ran 33 -> 23 ms, 1024 tokens 102 -> 42 ms
+  (bench/attention.py)."""
+  return next((c for c in range(128, 63, -1) if t % c == 0), t)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+  """q [B, K, G, T, H]; k, v [B, K, S, H]; mask bool [B, T, S] or None. Returns [B, K, G, T, H]."""
+  logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  # Normalised after the second matmul: one pass over [T, H] instead of over the [T, S] weights.
+  out = jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
                           scale: float | None = None) -> jax.Array:
-  """Softmax attention with grouped kv heads; logits and softmax in float32.
+  """Softmax attention with grouped kv heads; logits and softmax in float32, queries in blocks.
 
   A query whose mask is all False (a left-padding position) gets a uniform average instead of NaN; its
   output is never used.
@@ -66,11 +86,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[1]
+  g = n // kv_heads
   scale = h**-0.5 if scale is None else scale
-  q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-  logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)  # [B, T, K, G, H]
-  return out.reshape(b, t, n, h)
+  q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+  block = query_block(t)
+  if block == t:
+    out = _attend(q, k, v, mask, scale)
+  else:  # lax.map over blocks: one compiled body however long the prompt
+    c = t // block
+    q_blocks = jnp.moveaxis(q.reshape(b, kv_heads, g, c, block, h), 3, 0)  # [C, B, K, G, T', H]
+    mask_blocks = None if mask is None else jnp.moveaxis(mask.reshape(b, c, block, -1), 1, 0)  # [C, B, T', S]
+    out = jax.lax.map(lambda qm: _attend(qm[0], k, v, qm[1], scale), (q_blocks, mask_blocks))
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kv_heads, g, t, h)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

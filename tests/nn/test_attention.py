@@ -2,11 +2,12 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers.models.llama.modeling_llama import (LlamaConfig as HFLlamaConfig, LlamaRotaryEmbedding,
                                                       apply_rotary_pos_emb, repeat_kv)
 
-from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention, rope_sin_cos
+from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention, query_block, rope_sin_cos
 from reference import max_rel_err
 
 RNG = np.random.default_rng(0)
@@ -38,11 +39,13 @@ def test_causal_mask_with_left_padding_and_cache_offset():
   np.testing.assert_array_equal(mask[1], [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
 
 
-def test_grouped_attention_matches_repeat_kv_eager_attention():
-  b, t, n, k, h = 2, 5, 6, 2, 8
+@pytest.mark.parametrize("t, s", [(5, 5), (256, 259), (576, 576)], ids=["one-block", "2-blocks-of-128", "6-of-96"])
+def test_grouped_attention_matches_repeat_kv_eager_attention(t, s):
+  b, n, k, h = 2, 6, 2, 8
+  assert query_block(t) == {5: 5, 256: 128, 576: 96}[t]  # the long cases run the blocked path
   q = RNG.standard_normal((b, t, n, h)).astype(np.float32)
-  kv = RNG.standard_normal((2, b, k, t, h)).astype(np.float32)
-  mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
+  kv = RNG.standard_normal((2, b, k, s, h)).astype(np.float32)
+  mask = np.array(causal_mask(jnp.arange(s - t, s), jnp.ones((b, s), bool)))
   mask[1, :, 0] = False  # a padded first token in row 1
   ours = dot_product_attention(jnp.asarray(q), jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.asarray(mask))
   qt = torch.tensor(q).transpose(1, 2)
@@ -50,6 +53,16 @@ def test_grouped_attention_matches_repeat_kv_eager_attention():
   logits = qt @ kt.transpose(2, 3) * h**-0.5
   logits = logits.masked_fill(~torch.tensor(mask)[:, None], torch.finfo(torch.float32).min)
   ref = (logits.softmax(-1) @ vt).transpose(1, 2).numpy()
-  # Row 1's first query attends nothing valid; its output is never used. Compare the others.
-  assert max_rel_err(np.asarray(ours)[:, 1:], ref[:, 1:]) < 1e-6
+  # With a cache offset of 0, row 1's first query attends nothing valid; its output is never used.
+  skip = 1 if s == t else 0
+  assert max_rel_err(np.asarray(ours)[:, skip:], ref[:, skip:]) < 1e-5
   assert np.isfinite(np.asarray(ours)).all()
+
+
+def test_attention_without_mask_in_blocks():
+  b, t, n, h = 1, 256, 2, 4
+  q, k, v = (RNG.standard_normal(shape).astype(np.float32) for shape in ((b, t, n, h), (b, n, t, h), (b, n, t, h)))
+  ours = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  ref = torch.nn.functional.scaled_dot_product_attention(
+      torch.tensor(q).transpose(1, 2), torch.tensor(k), torch.tensor(v)).transpose(1, 2).numpy()
+  assert max_rel_err(np.asarray(ours), ref) < 1e-5
