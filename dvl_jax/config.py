@@ -240,10 +240,21 @@ def tiny() -> ModelConfig:
   )
 
 
+def tiny_hybrid() -> ModelConfig:
+  """`tiny` with a tiny SAM tower (128 px, an 8 x 8 grid in windows of 3 that pad, one global block) and the
+  hybrid aligner; every width divides by 8, so it shards over 8 devices under any strategy."""
+  base = tiny()
+  return base.replace(
+      high_res=SamConfig(image_size=128, patch_size=16, embed_dim=32, mlp_dim=64, num_layers=3, num_heads=2,
+                         window_size=3, global_attn_indexes=(1,), neck_dim=8),
+      aligner=AlignerConfig(kind="hybrid_split_mlp_gelu", in_dim=32, high_res_in_dim=32, out_dim=64))
+
+
 PRESETS = {
     "deepseek-vl-1.3b-chat": deepseek_vl_1_3b,
     "deepseek-vl-7b-chat": deepseek_vl_7b,
     "tiny": tiny,
+    "tiny-hybrid": tiny_hybrid,
 }
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.sampling import SamplingConfig, next_tokens
+from dvl_jax.sharding import constrain
 
 
 @flax.struct.dataclass
@@ -53,29 +54,39 @@ def _record(state: DecodeState, logits: jax.Array, cache: KVCache, eos_ids: jax.
   rng, key = jax.random.split(state.rng)
   token = next_tokens(logits, state.seen, key, sampling)
   token = jnp.where(state.done, pad_id, token)
-  tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
-  lengths = state.lengths + (~state.done).astype(jnp.int32)
-  done = state.done | jnp.isin(token, eos_ids)
+  tokens = constrain(jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)), ("batch", None))
+  lengths = constrain(state.lengths + (~state.done).astype(jnp.int32), ("batch",))
+  done = constrain(state.done | jnp.isin(token, eos_ids), ("batch",))
   return DecodeState(cache=cache, tokens=tokens, step=state.step + 1, done=done, lengths=lengths,
-                     seen=_mark(state.seen, token[:, None]), rng=rng)
+                     seen=constrain(_mark(state.seen, token[:, None]), ("batch", None)), rng=rng)
 
 
-def prefill(module: nn.Module, params, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
-            pixel_values: jax.Array | None, high_res_pixel_values: jax.Array | None, cache: KVCache, rng: jax.Array,
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """RoPE positions of a (left-)padded batch, as transformers' generate: cumsum(mask) - 1, 1 at padding."""
+  pos = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+  return jnp.where(attention_mask == 0, 1, pos)
+
+
+def prefill(module: nn.Module, params, input_ids: jax.Array, attention_mask: jax.Array,
+            pixel_values: jax.Array | None, high_res_pixel_values: jax.Array | None, cache: KVCache, seed: jax.Array,
             eos_ids: jax.Array, penalised_ids: jax.Array, *, pad_id: int, max_new_tokens: int,
             sampling: SamplingConfig) -> DecodeState:
   """Runs the prompt [B, T] through the model into the cache and samples the first new token.
 
+  seed: int [], the sampling PRNG's seed (a host value: the key is made on the devices, as every input of a
+  multi-process program must be a host value or a global array).
   penalised_ids: int [B, T], the prompt tokens the repetition penalty counts (transformers counts the caller's
   padding too, not ours: the bucket padding is marked -1).
   """
+  positions = positions_from_mask(attention_mask)
   logits, cache = module.apply({"params": params}, input_ids, attention_mask, positions, pixel_values,
                                high_res_pixel_values, cache, last_only=True)
   b, vocab = logits.shape[0], logits.shape[-1]
   seen = jnp.zeros((b, vocab if sampling.repetition_penalty != 1.0 else 1), bool)
   state = DecodeState(cache=cache, tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                       step=jnp.zeros((), jnp.int32), done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
-                      seen=_mark(seen, jnp.where(penalised_ids < 0, vocab, penalised_ids)), rng=rng)
+                      seen=_mark(seen, jnp.where(penalised_ids < 0, vocab, penalised_ids)),
+                      rng=jax.random.key(seed))
   return _record(state, logits[:, 0], cache, eos_ids, pad_id, sampling)
 
 

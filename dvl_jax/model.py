@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dvl_jax import checkpoint, generate
+from dvl_jax.generate import positions_from_mask
 from dvl_jax.config import ModelConfig
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.nn.vlm import DeepseekVL
 from dvl_jax.sampling import SamplingConfig
+from dvl_jax.sharding import ShardingPlan
 
 
 def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, ...]:
@@ -33,23 +35,37 @@ def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, ...]:
   return ids, jnp.ones((1, 1), jnp.int32), ids, jnp.zeros((1, 1, s, s, 3), jnp.float32), high
 
 
-def abstract_params(config: ModelConfig) -> Any:
-  """The params' ShapeDtypeStructs, with no memory allocated (jax.eval_shape of init)."""
+@functools.lru_cache(maxsize=8)
+def _boxed_abstract_params(config: ModelConfig) -> Any:
+  """The params' ShapeDtypeStructs boxed with their logical axis names (nn.Partitioned)."""
   module = DeepseekVL(config)
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *_dummy_inputs(config))["params"])
-  return nn.meta.unbox(boxed)
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *_dummy_inputs(config))["params"])
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> Any:
-  """Random params (normal(0.02) weights, unit norms), as a plain nested dict of arrays."""
+def param_shardings(config: ModelConfig, plan: ShardingPlan) -> Any:
+  """Where each param lives under `plan`: a tree of NamedShardings, checked against the mesh."""
+  return plan.param_shardings(_boxed_abstract_params(config))
+
+
+def abstract_params(config: ModelConfig, plan: ShardingPlan | None = None) -> Any:
+  """The params' ShapeDtypeStructs, with no memory allocated (jax.eval_shape of init); with a plan, each
+  carries its sharding (a restore target)."""
+  shapes = nn.meta.unbox(_boxed_abstract_params(config))
+  if plan is None:
+    return shapes
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      param_shardings(config, plan))
+
+
+def init_params(config: ModelConfig, seed: int = 0, plan: ShardingPlan | None = None) -> Any:
+  """Random params (normal(0.02) weights, unit norms), as a plain nested dict of arrays; with a plan, each
+  created directly in its shards (no device holds more than its part)."""
   module = DeepseekVL(config)
-  return nn.meta.unbox(jax.jit(module.init)(jax.random.key(seed), *_dummy_inputs(config))["params"])
 
+  def init():
+    return nn.meta.unbox(module.init(jax.random.key(seed), *_dummy_inputs(config))["params"])
 
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-  """RoPE positions of a (left-)padded batch, as transformers' generate: cumsum(mask) - 1, 1 at padding."""
-  pos = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
-  return jnp.where(attention_mask == 0, 1, pos)
+  return jax.jit(init, out_shardings=None if plan is None else param_shardings(config, plan))()
 
 
 def _concrete(x: Any) -> np.ndarray | None:
@@ -76,12 +92,16 @@ class Model:
     generation_defaults: eos_token_id / pad_token_id from the checkpoint's generation_config.json, if any.
   """
 
-  def __init__(self, config: ModelConfig, params: Any, generation_defaults: dict[str, Any] | None = None):
+  def __init__(self, config: ModelConfig, params: Any, generation_defaults: dict[str, Any] | None = None,
+               plan: ShardingPlan | None = None):
     self.config = config
-    self.params = params
+    self.plan = plan or ShardingPlan.single_device()
+    # A no-op for params already in their shards (load, init_params with the plan); otherwise they move there.
+    self.params = jax.device_put(params, param_shardings(config, self.plan))
     self.module = DeepseekVL(config)
     self.generation_defaults = dict(generation_defaults or {})
     self._forward = jax.jit(self.module.apply, donate_argnames=("cache",))
+    self._init_cache = jax.jit(KVCache.init, static_argnums=(0, 1, 2, 3))
     gen_static = ("pad_id", "sampling")
     self._prefill = jax.jit(functools.partial(generate.prefill, self.module), donate_argnames=("cache",),
                             static_argnames=(*gen_static, "max_new_tokens"))
@@ -90,9 +110,15 @@ class Model:
     self._decode_step = jax.jit(functools.partial(generate.decode_step, self.module), donate_argnames=("state",),
                                 static_argnames=gen_static)
 
+  def _run(self, fn, *args, **kwargs):
+    """Calls a jitted function with the plan active, so activations are laid out by its rules."""
+    with self.plan.activate():
+      return fn(*args, **kwargs)
+
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-    """An empty KV cache for `batch_size` rows and `max_len` slots, in the compute dtype."""
-    return KVCache.init(self.config.text, batch_size, max_len, jnp.dtype(self.config.dtype))
+    """An empty KV cache for `batch_size` rows (global) and `max_len` slots, in the compute dtype, sharded as
+    the plan lays out k and v (batch over the batch axes, kv heads over tensor)."""
+    return self._run(self._init_cache, self.config.text, batch_size, max_len, jnp.dtype(self.config.dtype))
 
   def check_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
                    high_res_pixel_values: Any = None, image_mask: Any = None) -> None:
@@ -140,27 +166,75 @@ class Model:
             f"{per_image} up to {slots * per_image}. Expand each image placeholder to {per_image} tokens and "
             "pass one image per placeholder.")
 
+  # ----- inputs and outputs across devices and processes -----
+  def _place(self, input_ids, attention_mask, pixel_values, high_res_pixel_values, positions=None, *,
+             bucket: bool = False, pad_id: int = 0, exact: bool = False) -> dict[str, Any]:
+    """This process's host inputs -> global arrays laid out by the plan.
+
+    Rows are padded (with copies of the last row, whose outputs are dropped) to a multiple of the plan's batch
+    shards and, across processes, to the same count; prompts are left-padded (masked out, which changes no
+    real token's output) to the longest of any process, or to its length bucket; image slots are padded with
+    zero slots that no image token reads. `exact` refuses any padding (a caller-made cache fixes the shapes).
+    """
+    cfg = self.config
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    b, t = ids.shape
+    n = 0 if pixel_values is None else np.shape(pixel_values)[1]
+    rows, t_max, n_max = self.plan.agree_max((b, t, n))
+    rows = -(-rows // self.plan.batch_multiple()) * self.plan.batch_multiple()
+    length = generate.bucket_length(t_max) if bucket else t_max
+    if exact and (rows, length) != (b, t):
+      raise ValueError(f"With a cache, the batch must need no padding: {b} rows of {t} tokens here, but the plan "
+                       f"({self.plan}) and the other processes need {rows} rows of {length} tokens.")
+
+    def pad(x: np.ndarray, value, to: int = length, left: bool = True) -> np.ndarray:
+      """Pads axis 1 to `to` (on the left, or the right), then repeats the last row up to `rows`."""
+      widths = [(0, 0)] * x.ndim
+      widths[1] = (to - x.shape[1], 0) if left else (0, to - x.shape[1])
+      x = np.pad(x, widths, constant_values=value)
+      return np.concatenate([x, np.repeat(x[-1:], rows - b, axis=0)]) if rows > b else x
+
+    out = {"input_ids": pad(ids, pad_id), "attention_mask": pad(mask, 0)}
+    if bucket:  # generation: prefill derives the positions; the repetition penalty skips our padding
+      out["penalised_ids"] = pad(ids, -1)
+    else:
+      out["positions"] = pad(np.asarray(positions, np.int32), 1) if positions is not None else np.asarray(
+          positions_from_mask(out["attention_mask"]))
+    dtype = jnp.dtype(cfg.dtype)
+    out["pixel_values"] = out["high_res_pixel_values"] = None
+    if n_max:
+      towers = [("pixel_values", pixel_values, cfg.vision.image_size)]
+      if cfg.is_hybrid:
+        towers.append(("high_res_pixel_values", high_res_pixel_values, cfg.high_res.image_size))
+      for key, value, size in towers:
+        value = np.zeros((b, 0, size, size, 3), dtype) if value is None else np.asarray(value, dtype)
+        out[key] = pad(value, 0, to=n_max, left=False)
+    return {k: None if v is None else self.plan.put_batch(v, ("batch", "seq") if v.ndim == 2 else ("batch",))
+            for k, v in out.items()}
+
+  def _rows(self, x: jax.Array, b: int) -> jax.Array | np.ndarray:
+    """This process's first `b` rows of a global batch-major array: a jax.Array in a single process, numpy
+    (the rows this process fed) with several."""
+    if not self.plan.multi_process:
+      return x if x.shape[0] == b else x[:b]
+    return self.plan.local_rows(x)[:b]
+
   def forward(self, input_ids, attention_mask=None, pixel_values=None, positions=None,
               cache: KVCache | None = None, high_res_pixel_values=None,
               image_mask=None) -> tuple[jax.Array, KVCache | None]:
     """Logits and the updated cache. With a cache, the tokens are appended at `cache.end` (prefill or decode);
     positions then default to continue each row's count of real tokens. The cache is donated."""
     self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask)
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    if positions is None:
-      positions = positions_from_mask(mask)
-      if cache is not None:
-        positions = positions + cache.next_positions()[:, None]
-    dtype = jnp.dtype(self.config.dtype)
-    if pixel_values is not None:
-      pixel_values = jnp.asarray(pixel_values, dtype)
-      if high_res_pixel_values is not None:
-        high_res_pixel_values = jnp.asarray(high_res_pixel_values, dtype)
-    else:
-      high_res_pixel_values = None
-    return self._forward({"params": self.params}, input_ids, mask, positions, pixel_values, high_res_pixel_values,
-                         cache)
+    b, t = np.shape(input_ids)
+    x = self._place(input_ids, attention_mask, pixel_values, high_res_pixel_values, positions, exact=cache is not None)
+    if cache is not None and positions is None:  # continue each row's count of real tokens
+      x["positions"] = x["positions"] + cache.next_positions()[:, None]
+    logits, cache = self._run(self._forward, {"params": self.params}, x["input_ids"], x["attention_mask"],
+                              x["positions"],
+                              x["pixel_values"], x["high_res_pixel_values"], cache)
+    logits = self._rows(logits, b)
+    return (logits if logits.shape[1] == t else logits[:, -t:]), cache
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None,
                high_res_pixel_values=None, image_mask=None) -> jax.Array:
@@ -189,28 +263,18 @@ class Model:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask)
     eos = eos_token_id if eos_token_id is not None else self.generation_defaults.get("eos_token_id")
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos_ids = np.asarray([] if eos is None else [eos] if isinstance(eos, int) else list(eos), np.int32)
     pad = pad_token_id if pad_token_id is not None else self.generation_defaults.get("pad_token_id")
-    pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
-    ids = np.asarray(input_ids, np.int32)
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    b, t = ids.shape
-    bucket = generate.bucket_length(t)
+    pad = int(pad if pad is not None else (eos_ids[0] if len(eos_ids) else 0))
+    x = self._place(input_ids, attention_mask, pixel_values, high_res_pixel_values, bucket=True, pad_id=pad)
+    rows, bucket = x["input_ids"].shape
     if bucket + max_new_tokens > self.config.text.max_position_embeddings:
-      raise ValueError(f"The prompt ({t} tokens, padded to {bucket}) plus max_new_tokens={max_new_tokens} exceeds the "
-                       f"model's {self.config.text.max_position_embeddings} positions.")
-    extra = bucket - t  # left padding: masked out, never attended, not counted by the repetition penalty
-    penalised = np.concatenate([np.full((b, extra), -1, np.int32), ids], axis=1)
-    ids = np.concatenate([np.full((b, extra), pad, np.int32), ids], axis=1)
-    mask = np.concatenate([np.zeros((b, extra), np.int32), mask], axis=1)
-    dtype = jnp.dtype(self.config.dtype)
-    pixels = None if pixel_values is None else jnp.asarray(pixel_values, dtype)
-    high = None if pixels is None or high_res_pixel_values is None else jnp.asarray(high_res_pixel_values, dtype)
-    state = self._prefill(self.params, jnp.asarray(ids), jnp.asarray(mask), positions_from_mask(jnp.asarray(mask)),
-                          pixels, high, self.init_cache(b, bucket + max_new_tokens), jax.random.key(seed),
-                          jnp.asarray(eos_ids, jnp.int32), jnp.asarray(penalised), pad_id=int(pad),
-                          max_new_tokens=int(max_new_tokens), sampling=sampling)
-    return state, jnp.asarray(eos_ids, jnp.int32), int(pad)
+      raise ValueError(f"The prompt ({np.shape(input_ids)[1]} tokens, padded to {bucket}) plus max_new_tokens="
+                       f"{max_new_tokens} exceeds the model's {self.config.text.max_position_embeddings} positions.")
+    state = self._run(self._prefill, self.params, x["input_ids"], x["attention_mask"], x["pixel_values"],
+                      x["high_res_pixel_values"], self.init_cache(rows, bucket + max_new_tokens), np.int32(seed),
+                      eos_ids, x["penalised_ids"], pad_id=pad, max_new_tokens=int(max_new_tokens), sampling=sampling)
+    return state, eos_ids, pad
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None, image_mask=None,
                *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
@@ -222,13 +286,18 @@ class Model:
     repetition_penalty (1.0: off) applies to every token already in the row, prompt included. A row stops at any
     of `eos_token_id` (default: the checkpoint's generation_config.json); the whole loop stops when all rows have.
     The same seed gives the same samples.
+
+    With several processes, every process calls generate together, each with its own rows (any count, any
+    prompt length: they are padded to agree), and gets back its own rows' tokens.
     """
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty)
     state, eos_ids, pad = self._start(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask,
                                       max_new_tokens, sampling, eos_token_id, pad_token_id, seed)
-    state = self._decode(self.params, state, eos_ids, pad_id=pad, sampling=sampling)
-    return GenerationOutput(tokens=np.asarray(state.tokens), lengths=np.asarray(state.lengths))
+    state = self._run(self._decode, self.params, state, eos_ids, pad_id=pad, sampling=sampling)
+    b = np.shape(input_ids)[0]
+    return GenerationOutput(tokens=np.asarray(self._rows(state.tokens, b)),
+                            lengths=np.asarray(self._rows(state.lengths, b)))
 
   def stream(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None, image_mask=None,
              **kwargs) -> Iterator[np.ndarray]:
@@ -240,30 +309,44 @@ class Model:
     sampling = SamplingConfig(**kwargs)
     state, eos_ids, pad = self._start(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask,
                                       max_new_tokens, sampling, eos_token_id, pad_token_id, seed)
+    b = np.shape(input_ids)[0]
     for step in range(max_new_tokens):
       if step:
-        state = self._decode_step(self.params, state, eos_ids, pad_id=pad, sampling=sampling)
-      yield np.asarray(state.tokens[:, step])
+        state = self._run(self._decode_step, self.params, state, eos_ids, pad_id=pad, sampling=sampling)
+      yield np.asarray(self._rows(state.tokens, b))[:, step]
       if bool(state.done.all()):
         return
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None) -> Model:
-  """Restores a checkpoint written by convert/torch_to_orbax.py.
+def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: Any = None, strategy: Any = None,
+         vision_strategy: Any = None) -> Model:
+  """Restores a checkpoint written by convert/torch_to_orbax.py, each param straight into its shards.
 
   Args:
     path: the checkpoint directory.
     dtype: "float32" | "bfloat16" | "float16" for both params and compute; default the checkpoint's.
+    mesh: where the model runs: None (the first device), a ShardingPlan, a jax Mesh with axes ("data", "fsdp",
+      "tensor"), or a mesh spec ("data=2,tensor=4", {"fsdp": -1}, MeshSpec) over every device of every process.
+    strategy, vision_strategy: the sharding strategies of the decoder and of the image towers (see
+      dvl_jax.sharding); default from the mesh. Ignored when `mesh` is a ShardingPlan.
   """
   config = checkpoint.read_config(path)
   if dtype is not None:
     config = config.replace(dtype=dtype, param_dtype=dtype)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params(config))
+  plan = make_plan(mesh, strategy, vision_strategy)
   generation = {}
   gen_file = os.path.join(os.fspath(path), "generation_config.json")
   if os.path.isfile(gen_file):
     with open(gen_file) as f:
       raw = json.load(f)
     generation = {k: raw[k] for k in ("eos_token_id", "pad_token_id") if raw.get(k) is not None}
-  return Model(config, checkpoint.restore_params(path, target), generation)
+  return Model(config, checkpoint.restore_params(path, abstract_params(config, plan)), generation, plan)
+
+
+def make_plan(mesh: Any = None, strategy: Any = None, vision_strategy: Any = None) -> ShardingPlan:
+  """A ShardingPlan from `load`'s arguments: None is the first device alone."""
+  if isinstance(mesh, ShardingPlan):
+    return mesh
+  if mesh is None and strategy is None and vision_strategy is None:
+    return ShardingPlan.single_device()
+  return ShardingPlan(mesh, strategy, vision_strategy)

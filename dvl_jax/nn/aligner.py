@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from dvl_jax.config import AlignerConfig
 from dvl_jax.nn.layers import Dtype, Linear, gelu
+from dvl_jax.sharding import constrain
 
 
 class MlpAligner(nn.Module):
@@ -33,7 +34,7 @@ class MlpAligner(nn.Module):
       out_axis, in_axis = ("embed" if i == cfg.depth else "mlp"), ("embed" if i == 1 else "mlp")
       axes = (out_axis, in_axis if in_axis != out_axis else None)  # one logical name per kernel
       x = Linear((cfg.out_dim,), axes, name=f"linear{i}", **kw)(x)
-    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+    return constrain(x, ("batch", "seq", "act_embed"))
 
 
 class HybridAligner(nn.Module):
@@ -56,4 +57,4 @@ class HybridAligner(nn.Module):
     low = Linear(half, ("mlp", "embed"), name="vision_proj", **kw)(low)
     x = gelu(jnp.concatenate([high, low], axis=-1))  # [B, P, out_dim]
     x = Linear((cfg.out_dim,), ("embed", "mlp"), name="proj", **kw)(x)
-    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+    return constrain(x, ("batch", "seq", "act_embed"))

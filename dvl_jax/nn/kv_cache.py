@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dvl_jax.config import LlamaConfig
+from dvl_jax.sharding import constrain
 
 # Logical axes of k and v, for sharding.
 CACHE_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")
@@ -34,10 +35,16 @@ class KVCache:
 
   @classmethod
   def init(cls, config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """Zeros, laid out by the active sharding plan (if any): jit it to create the arrays in their shards."""
     shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+
+    def zeros():
+      return constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+
     layers = range(config.num_layers)
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
-               valid=jnp.zeros((batch_size, max_len), bool), end=jnp.zeros((), jnp.int32))
+    return cls(k=tuple(zeros() for _ in layers), v=tuple(zeros() for _ in layers),
+               valid=constrain(jnp.zeros((batch_size, max_len), bool), ("batch", "cache_seq")),
+               end=jnp.zeros((), jnp.int32))
 
   @property
   def max_len(self) -> int:

@@ -2,7 +2,7 @@
 
 Weights keep PyTorch's order, `[out..., in...]`: conversion is then a reshape, never a transpose, and on
 XLA:CPU a small-batch matmul against an `[out, in]` operand reads memory 3-4x faster than against `[in, out]`
-(../shared/PERF_NOTES.md). Every parameter carries logical axis names (see dvl_jax/sharding.py, later).
+(../shared/PERF_NOTES.md). Every parameter carries logical axis names, which dvl_jax/sharding.py maps onto a device mesh.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dvl_jax.sharding import constrain
 
 Dtype = jnp.dtype
 Axes = tuple[str | None, ...]
@@ -155,5 +157,5 @@ class SwiGLU(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gate = Linear((self.mlp_dim,), ("mlp", "embed"), name="gate_proj", **kw)(x)
     up = Linear((self.mlp_dim,), ("mlp", "embed"), name="up_proj", **kw)(x)
-    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "act_mlp"))  # [B, T, F]
+    h = constrain(nn.silu(gate) * up, ("batch", "seq", "act_mlp"))  # [B, T, F]
     return Linear((x.shape[-1],), ("embed", "mlp"), name="down_proj", **kw)(h)

@@ -17,8 +17,9 @@ from jax import lax
 
 from dvl_jax.config import LlamaConfig
 from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention, rope_sin_cos
-from dvl_jax.nn.kv_cache import KVCache
+from dvl_jax.nn.kv_cache import CACHE_AXES, KVCache
 from dvl_jax.nn.layers import Dtype, Linear, RMSNorm, SwiGLU, default_init
+from dvl_jax.sharding import constrain
 
 CacheKV = tuple[jax.Array, jax.Array] | None  # one layer's (k, v), each [B, K, S, H]
 
@@ -45,10 +46,11 @@ class LlamaAttention(nn.Module):
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
     if cache_kv is not None:
       start = (0, 0, write_index, 0)
-      cache_kv = tuple(lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache_kv, (k, v)))
+      cache_kv = tuple(constrain(lax.dynamic_update_slice(c, new.astype(c.dtype), start), CACHE_AXES)
+                       for c, new in zip(cache_kv, (k, v)))
       k, v = (c.astype(self.dtype) for c in cache_kv)  # [B, K, S, H]
     out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
-    out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
+    out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     out = Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="o_proj", **kw)(out)
     return out, cache_kv
 
@@ -70,7 +72,7 @@ class LlamaDecoderLayer(nn.Module):
     h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, write_index)
     x = x + h
     x = x + SwiGLU(cfg.mlp_dim, name="mlp", **kw)(RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **kw)(x))
-    x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+    x = constrain(x, ("batch", "seq", "act_embed"))
     return x, cache_kv
 
 
@@ -92,7 +94,11 @@ class LlamaDecoder(nn.Module):
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """int [B, T] -> [B, T, D]."""
-    return self.embed_tokens(input_ids)
+    # The rows are looked up in a table whose embed axis is whole (FSDP shards it; the lookup then all-gathers
+    # it, as every FSDP weight before use): a lookup into an embed-sharded table hands the batch-sharded
+    # activations a layout that XLA's partitioner can only reach by replicating them first.
+    table = constrain(self.embed_tokens.embedding, ("vocab", None))  # [V, D]
+    return jnp.take(table, input_ids, axis=0).astype(self.dtype)  # [B, T, D]
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
@@ -114,10 +120,10 @@ class LlamaDecoder(nn.Module):
       write_index = jnp.zeros((), jnp.int32)
     else:
       write_index = cache.end
-      valid = lax.dynamic_update_slice(cache.valid, valid, (0, write_index))  # [B, S]
+      valid = constrain(lax.dynamic_update_slice(cache.valid, valid, (0, write_index)), ("batch", "cache_seq"))
     mask = causal_mask(write_index + jnp.arange(t), valid)  # [B, T, S]
     sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
-    x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "act_embed"))
+    x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       x, layer_kv = layer(x, sin, cos, mask, None if cache is None else (cache.k[i], cache.v[i]), write_index)
@@ -127,7 +133,7 @@ class LlamaDecoder(nn.Module):
     if last_only:
       x = x[:, -1:]
     logits = self.lm_head(self.norm(x))  # [B, T, V]
-    logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
+    logits = constrain(logits, ("batch", "seq", "act_vocab"))
     if cache is not None:
       cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, end=write_index + t)
     return logits, cache

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from dvl_jax.config import SamConfig
 from dvl_jax.nn.layers import Conv, Dtype, GeluMLP, LayerNorm, Linear, default_init, param
+from dvl_jax.sharding import constrain
 
 
 def resize_linear_1d(table: jax.Array, size: int) -> jax.Array:
@@ -128,7 +129,7 @@ class SamBlock(nn.Module):
     x = x + h
     x = x + GeluMLP(cfg.mlp_dim, ("lin1", "lin2"), name="mlp", **kw)(LayerNorm(cfg.norm_eps, name="layer_norm2",
                                                                                **kw)(x))
-    return nn.with_logical_constraint(x, ("batch", None, None, "act_embed"))
+    return constrain(x, ("batch", None, None, "act_embed"))
 
 
 class SamNeck(nn.Module):
@@ -193,4 +194,4 @@ class SamHighResTower(nn.Module):
     y_hd = down2(down1(resize_bilinear(hd, size)))
     alpha = param(self, "alpha", nn.initializers.zeros, (1,), (None,), self.param_dtype).astype(self.dtype)
     y = y + y_hd * alpha
-    return nn.with_logical_constraint(y.reshape(y.shape[0], -1, y.shape[-1]), ("batch", "seq", "act_embed"))
+    return constrain(y.reshape(y.shape[0], -1, y.shape[-1]), ("batch", "seq", "act_embed"))

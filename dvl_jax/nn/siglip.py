@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from dvl_jax.config import SiglipConfig
 from dvl_jax.nn.attention import dot_product_attention
 from dvl_jax.nn.layers import Conv, Dtype, GeluMLP, LayerNorm, Linear, default_init, param
+from dvl_jax.sharding import constrain
 
 
 class SiglipAttention(nn.Module):
@@ -32,7 +33,7 @@ class SiglipAttention(nn.Module):
     k = Linear((n, h), ("heads", "head_dim", "embed"), name="k_proj", **kw)(x)
     v = Linear((n, h), ("heads", "head_dim", "embed"), name="v_proj", **kw)(x)
     out = dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # [B, P, N, H]
-    out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
+    out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     return Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="out_proj", **kw)(out)
 
 
@@ -49,7 +50,7 @@ class SiglipEncoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x + SiglipAttention(cfg, name="self_attn", **kw)(LayerNorm(cfg.norm_eps, name="layer_norm1", **kw)(x))
     x = x + GeluMLP(cfg.mlp_dim, name="mlp", **kw)(LayerNorm(cfg.norm_eps, name="layer_norm2", **kw)(x))
-    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed")), None
+    return constrain(x, ("batch", "seq", "act_embed")), None
 
 
 class SiglipVisionTower(nn.Module):
@@ -68,7 +69,7 @@ class SiglipVisionTower(nn.Module):
     x = x.reshape(x.shape[0], -1, d)  # [B, P, D], patches row-major
     pos = param(self, "position_embedding", default_init, (cfg.num_patches, d), ("patches", "embed"),
                 self.param_dtype)
-    x = nn.with_logical_constraint(x + pos.astype(self.dtype), ("batch", "seq", "act_embed"))
+    x = constrain(x + pos.astype(self.dtype), ("batch", "seq", "act_embed"))
     scanned = nn.scan(SiglipEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = scanned(cfg, name="layers", **kw)(x, None)

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dvl_jax import sharding
 from dvl_jax.config import ModelConfig
 from dvl_jax.nn.aligner import HybridAligner, MlpAligner
 from dvl_jax.nn.kv_cache import KVCache
@@ -56,17 +57,18 @@ class DeepseekVL(nn.Module):
 
   def encode_images(self, pixel_values: jax.Array, high_res_pixel_values: jax.Array | None = None) -> jax.Array:
     """Normalised images [B, N, S, S, 3] (and, for the hybrid model, the same images at high resolution
-    [B, N, S', S', 3]) -> aligned features [B, N * P, D]."""
+    [B, N, S', S', 3]) -> aligned features [B, N * P, D]. Laid out by the plan's vision rules, if any."""
     b, n = pixel_values.shape[:2]
-    feats = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]))  # [B*N, P, Dv]
-    if self.config.is_hybrid:
-      if high_res_pixel_values is None:
-        raise ValueError("The hybrid model needs high_res_pixel_values beside pixel_values.")
-      high = self.high_res_vision_model(high_res_pixel_values.reshape(b * n, *high_res_pixel_values.shape[2:]))
-      feats = self.aligner(feats, high)  # [B*N, P, D]
-    else:
-      feats = self.aligner(feats)  # [B*N, P, D]
-    return feats.reshape(b, n * feats.shape[1], feats.shape[2])
+    with sharding.tower("vision"):
+      feats = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]))  # [B*N, P, Dv]
+      if self.config.is_hybrid:
+        if high_res_pixel_values is None:
+          raise ValueError("The hybrid model needs high_res_pixel_values beside pixel_values.")
+        high = self.high_res_vision_model(high_res_pixel_values.reshape(b * n, *high_res_pixel_values.shape[2:]))
+        feats = self.aligner(feats, high)  # [B*N, P, D]
+      else:
+        feats = self.aligner(feats)  # [B*N, P, D]
+      return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                pixel_values: jax.Array | None = None, high_res_pixel_values: jax.Array | None = None,

@@ -1,0 +1,186 @@
+"""dvl_jax.sharding on 8 simulated CPU devices (tests/conftest.py): meshes, rules, param and cache shardings,
+and sharded runs equal to the single-device run."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import dvl_jax
+from dvl_jax import checkpoint
+from dvl_jax.sharding import MeshSpec, ShardingPlan, make_mesh
+
+# (mesh, the strategy it defaults to): each strategy, and a 2 x 2 x 2 mesh.
+MESHES = [("data=8", "data"), ("fsdp=8", "fsdp"), ("data=4,tensor=2", "tensor"), ("fsdp=4,tensor=2", "fsdp_tensor"),
+          ("data=2,fsdp=2,tensor=2", "fsdp_tensor")]
+
+
+def test_there_are_eight_devices():
+  assert jax.device_count() == 8, "tests/conftest.py sets --xla_force_host_platform_device_count=8"
+
+
+def test_mesh_spec_fills_the_devices():
+  assert MeshSpec.parse("data=2,fsdp=-1").sizes(8) == (2, 4, 1)
+  assert MeshSpec.parse({"tensor": 2}).sizes(8) == (4, 1, 2)  # data takes the rest when no axis says -1
+  assert MeshSpec.parse("fsdp=-1").sizes(8) == (1, 8, 1)
+  assert MeshSpec.parse("").sizes(8) == (8, 1, 1)
+  mesh = make_mesh("data=2,fsdp=2,tensor=2")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert list(mesh.devices.flat) == jax.devices()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=3", r"needs 3 devices, but 8 are available"),
+    ("data=3,fsdp=-1", r"take 3 devices, which does not divide the 8 devices"),
+    ("data=-1,fsdp=-1", r"at most one -1"),
+    ("data=0", r"sizes must be positive"),
+    ("dat=2", r"unknown axes \['dat'\]; the mesh axes are \['data', 'fsdp', 'tensor'\]"),
+    ("data:2", r"'data:2' is not axis=size"),
+])
+def test_mesh_spec_errors(spec, message):
+  with pytest.raises(ValueError, match=message):
+    make_mesh(spec)
+
+
+def test_strategy_errors():
+  with pytest.raises(ValueError, match=r"Unknown strategy 'zero3'; choose one of \['data', 'fsdp', 'fsdp_tensor'"):
+    ShardingPlan("fsdp=8", strategy="zero3")
+  with pytest.raises(ValueError, match=r"Strategy 'data' leaves mesh axis tensor=2 unused.*'tensor'"):
+    ShardingPlan("data=4,tensor=2", strategy="data")
+  with pytest.raises(ValueError, match=r"rules name logical axis 'hidden', which the model does not use"):
+    ShardingPlan("tensor=8", strategy={"batch": "data", "hidden": "tensor"})
+  with pytest.raises(ValueError, match=r"map 'heads' to \['model'\], which are not mesh axes"):
+    ShardingPlan("tensor=8", strategy={"heads": "model"})
+
+
+def test_two_logical_axes_on_one_mesh_axis_are_refused():
+  plan = ShardingPlan("data=4,tensor=2", strategy={"batch": ("data", "fsdp"), "heads": "tensor", "embed": "tensor"})
+  with pytest.raises(ValueError, match=r"o_proj'\]\['kernel'\]: logical axes 'embed' and 'heads' both map to mesh axis 'tensor'"):
+    dvl_jax.model.param_shardings(dvl_jax.tiny(), plan)
+
+
+def test_a_dimension_that_does_not_divide_is_refused():
+  with pytest.raises(ValueError, match=r"Param \['language_model'\]\['embed_tokens'\]\['embedding'\] has shape "
+                                       r"\(256, 64\): dimension 0 \('vocab', size 256\) does not divide over mesh "
+                                       r"axes tensor of size 3"):
+    dvl_jax.model.param_shardings(dvl_jax.tiny(), ShardingPlan(make_mesh("tensor=3", jax.devices()[:3])))
+  # The decoder's 4 heads split 4 ways, SigLIP's 2 do not: the message points at vision_strategy, which fixes it.
+  config = dvl_jax.tiny().replace(text=dvl_jax.LlamaConfig(**{**dvl_jax.tiny().text.__dict__, "num_kv_heads": 4}))
+  with pytest.raises(ValueError, match=r"vision_model.*'heads', size 2\) does not divide over mesh axes tensor of "
+                                       r"size 4\. Use another vision_strategy"):
+    dvl_jax.model.param_shardings(config, ShardingPlan("data=2,tensor=4"))
+  shardings = dvl_jax.model.param_shardings(config, ShardingPlan("data=2,tensor=4", vision_strategy="data"))
+  assert shardings["vision_model"]["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, None, None, None)
+  assert shardings["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].spec == P("tensor", None, None)
+
+
+def _kernel(params, *path):
+  for key in path:
+    params = params[key]
+  return params["kernel"]
+
+
+def test_param_and_cache_shardings_follow_the_rules():
+  config = dvl_jax.tiny()  # 4 heads, 2 kv heads, head_dim 16, embed 64, mlp 128, vocab 256
+  plan = ShardingPlan("data=4,tensor=2")
+  model = dvl_jax.Model(config, dvl_jax.init_params(config), plan=plan)
+  text = model.params["language_model"]
+  for i in range(config.text.num_layers):
+    attn = text[f"layers_{i}"]["self_attn"]
+    for name, spec in [("q_proj", P("tensor", None, None)), ("k_proj", P("tensor", None, None)),
+                       ("v_proj", P("tensor", None, None)), ("o_proj", P(None, "tensor", None))]:
+      kernel = attn[name]["kernel"]
+      assert kernel.sharding.spec == spec, name
+      assert len(kernel.addressable_shards) == 8
+      assert all(s.data.size * 2 == kernel.size for s in kernel.addressable_shards), name  # each device: half
+  assert [s.data.shape for s in _kernel(text, "layers_0", "self_attn", "q_proj").addressable_shards] == [(2, 16, 64)] * 8
+  assert _kernel(text, "layers_0", "mlp", "gate_proj").addressable_shards[0].data.shape == (64, 64)
+  assert _kernel(text, "layers_0", "mlp", "down_proj").addressable_shards[0].data.shape == (64, 64)
+  assert text["embed_tokens"]["embedding"].addressable_shards[0].data.shape == (128, 64)
+  assert text["norm"]["scale"].sharding.spec == P(None)  # replicated: no rule shards embed without fsdp
+
+  cache = model.init_cache(batch_size=4, max_len=16)
+  assert cache.k[0].shape == (4, 2, 16, 16)
+  assert {s.data.shape for s in cache.k[1].addressable_shards} == {(1, 1, 16, 16)}  # a row and a kv head each
+  assert {s.data.shape for s in cache.valid.addressable_shards} == {(1, 16)}
+
+  fsdp = ShardingPlan("fsdp=4,tensor=2")
+  q = dvl_jax.model.param_shardings(config, fsdp)["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert q.spec == P("tensor", None, "fsdp")
+  assert q.shard_shape((4, 16, 64)) == (2, 16, 16)
+  siglip_q = dvl_jax.model.param_shardings(config, fsdp)["vision_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert siglip_q.spec == P(None, "tensor", None, "fsdp")  # scanned: [layers, heads, head_dim, embed]
+
+
+def test_init_params_creates_each_param_in_its_shards():
+  config = dvl_jax.tiny()
+  plan = ShardingPlan("fsdp=4,tensor=2")
+  sharded = dvl_jax.init_params(config, seed=3, plan=plan)
+  single = dvl_jax.init_params(config, seed=3)
+  want = dvl_jax.model.param_shardings(config, plan)
+  jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"), sharded,
+               want)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded, single)
+
+
+def test_load_restores_into_shards(tmp_path):
+  config = dvl_jax.tiny()
+  params = dvl_jax.init_params(config, seed=4)
+  checkpoint.save(tmp_path / "ckpt", params, config)
+  model = dvl_jax.load(tmp_path / "ckpt", mesh="fsdp=8")
+  assert model.plan.strategy == "fsdp"
+  embedding = model.params["language_model"]["embed_tokens"]["embedding"]
+  assert embedding.sharding.spec == P(None, "fsdp")
+  assert embedding.addressable_shards[0].data.shape == (256, 8)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), model.params, params)
+
+
+def _inputs(config, seed=0):
+  """3 rows (so every mesh pads the batch) with 2, 0 and 1 images; row 1 left-padded."""
+  rng = np.random.default_rng(seed)
+  per = config.tokens_per_image
+  ids = rng.integers(0, config.image_token_id, (3, 2 * per + 12)).astype(np.int32)
+  ids[0, 2:2 + per] = ids[0, 4 + per:4 + 2 * per] = config.image_token_id
+  ids[2, 5:5 + per] = config.image_token_id
+  mask = np.ones_like(ids)
+  mask[1, :7] = 0
+  s = config.vision.image_size
+  out = dict(input_ids=ids, attention_mask=mask, pixel_values=rng.normal(size=(3, 2, s, s, 3)).astype(np.float32))
+  if config.is_hybrid:
+    s = config.high_res.image_size
+    out["high_res_pixel_values"] = rng.normal(size=(3, 2, s, s, 3)).astype(np.float32)
+  return out
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-hybrid"])
+def single_device_run(request):
+  config = dvl_jax.preset(request.param)
+  params = dvl_jax.init_params(config, seed=1)
+  model = dvl_jax.Model(config, params)
+  inputs = _inputs(config)
+  return config, params, inputs, np.asarray(model(**inputs)), model.generate(**inputs, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("mesh, strategy", MESHES)
+def test_sharded_run_equals_single_device(single_device_run, mesh, strategy):
+  config, params, inputs, logits, generated = single_device_run
+  model = dvl_jax.Model(config, params, plan=ShardingPlan(mesh))
+  assert model.plan.strategy == strategy
+  got = model(**inputs)
+  real = inputs["attention_mask"].astype(bool)  # padding positions' logits are never used, and differ
+  assert got.shape == logits.shape
+  np.testing.assert_allclose(np.asarray(got)[real], logits[real], rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+  out = model.generate(**inputs, max_new_tokens=6)
+  np.testing.assert_array_equal(out.tokens, generated.tokens)
+  np.testing.assert_array_equal(out.lengths, generated.lengths)
+
+
+def test_vision_towers_can_use_another_strategy(single_device_run):
+  config, params, inputs, logits, generated = single_device_run
+  model = dvl_jax.Model(config, params, plan=ShardingPlan("fsdp=4,tensor=2", vision_strategy="data"))
+  vision_q = model.params["vision_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert vision_q.sharding.spec == P(None, None, None, None)
+  real = inputs["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(model(**inputs))[real], logits[real], rtol=1e-5,
+                             atol=1e-5 * np.abs(logits).max())
+  np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=6).tokens, generated.tokens)
