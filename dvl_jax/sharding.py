@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
 from typing import Any, Iterator, Mapping, Sequence
@@ -217,9 +218,6 @@ class ShardingPlan:
                what: str = "an array") -> NamedSharding:
     return NamedSharding(self.mesh, self.spec(axes, shape, tower, what))
 
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec())
-
   def param_shardings(self, boxed_params: Any) -> Any:
     """Params boxed with their logical names (`jax.eval_shape` of `module.init`) -> a tree of NamedShardings.
     Raises a ValueError listing every param whose sharding does not fit."""
@@ -284,21 +282,22 @@ class ShardingPlan:
     sharding = self.sharding(axes, global_shape, what=f"A batch of {local.shape[0]} rows per process")
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
-  def put_replicated(self, value: Any) -> jax.Array:
-    """The same host value on every device (each process must pass the same value)."""
-    value = np.asarray(value)
-    return jax.make_array_from_process_local_data(self.replicated(), value, value.shape)
-
   def local_rows(self, array: jax.Array) -> np.ndarray:
     """This process's rows of a global array whose axis 0 is the batch, as numpy, in row order."""
     # Gathered first over every other axis (the logits' vocab may be split over tensor, across processes too).
     spec = self.spec(("batch",) + (None,) * (array.ndim - 1), array.shape, what="An output")
-    array = jax.jit(lambda x: x, out_shardings=NamedSharding(self.mesh, spec))(array)
+    array = _reshard(NamedSharding(self.mesh, spec))(array)
     parts = {}
     for shard in array.addressable_shards:
       start = (shard.index[0].start or 0) if shard.index else 0
       parts.setdefault(start, shard)
     return np.concatenate([np.asarray(parts[s].data) for s in sorted(parts)], axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _reshard(sharding: NamedSharding):
+  """A jitted identity whose output has `sharding` (one per sharding, so it compiles once per shape)."""
+  return jax.jit(lambda x: x, out_shardings=sharding)
 
 
 _local = threading.local()
