@@ -145,10 +145,14 @@ class Processor:
     else:
       per_row = [list(images) if isinstance(images, (list, tuple)) else [images]]
     ids = [self._encode_row(t, imgs, row) for row, (t, imgs) in enumerate(zip(texts, per_row))]
-    out = self._pad(ids)
+    out = self.pad(ids)
     if any(per_row):
       out.update(self._images(per_row))
     return out
+
+  def encode(self, text: str, num_images: int) -> list[int]:
+    """One prompt with `num_images` placeholders -> its token ids, each placeholder expanded."""
+    return self._encode_row(text, [None] * num_images, 0)
 
   def _encode_row(self, text: str, images: list[Any], row: int) -> list[int]:
     token = self.tokenizer.image_token
@@ -163,8 +167,9 @@ class Processor:
                        "fewer images.")
     return ids
 
-  def _pad(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
-    """Left padding with the pad id (EOS when the tokenizer names none), as the references do."""
+  def pad(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+    """Token rows -> input_ids, attention_mask [B, T]: left padding with the pad id (EOS when the tokenizer
+    names none), as the references do."""
     length = max(len(r) for r in rows)
     input_ids = np.full((len(rows), length), self.tokenizer.pad_token_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)

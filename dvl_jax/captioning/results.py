@@ -1,0 +1,57 @@
+"""The output JSONL: one line per image, appended a batch at a time, read back to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+
+class ResultFile:
+  """Append-only JSONL of results. Opening it checks that it is writable, repairs a line cut short by a crash,
+  and reads which (image, prompt) pairs are already done.
+
+  Attributes:
+    done: {(image, prompt): had_error} of the lines already in the file.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(self.path))
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"The output directory {directory!r} does not exist; create it first.")
+    try:
+      self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+      raise PermissionError(f"Cannot write the output {self.path!r}: {e.strerror}. Choose a writable --out.") from None
+    self.done: dict[tuple[str, str], bool] = {}
+    self._repair_and_read()
+
+  def _repair_and_read(self) -> None:
+    with open(self.path, "rb") as f:
+      data = f.read()
+    if data and not data.endswith(b"\n"):  # the last write was cut short: drop its partial line
+      keep = data.rfind(b"\n") + 1
+      os.ftruncate(self._fd, keep)
+      data = data[:keep]
+    for number, line in enumerate(data.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        self.done[(row["image"], row["prompt"])] = row.get("error") is not None
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{self.path}:{number} is not a result line of infer.py ({line[:80]!r}); pass a new --out "
+                         "or fix the file.") from None
+
+  def write(self, records: Iterable[dict[str, Any]]) -> None:
+    """Appends whole lines in one write and syncs them to disk: a crash leaves no half record behind (and if
+    the system cuts the write short anyway, the next open drops the partial line)."""
+    data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+    while data:
+      written = os.write(self._fd, data)
+      data = data[written:]
+    os.fsync(self._fd)
+
+  def close(self) -> None:
+    os.close(self._fd)
