@@ -296,3 +296,18 @@ def chat_template() -> str:
 def hf_processor(directory: str, hybrid: bool = False, num_image_tokens: int = 576, **sizes):
   """A transformers DeepseekVL(Hybrid)Processor with the tiny tokenizer and the -hf chat template, saved."""
   return testing.hf_processor(directory, hybrid, num_image_tokens, chat_template=chat_template(), **sizes)
+
+
+def hf_model_for_processor(ref_proc, directory: str, seed: int = 0) -> DeepseekVLForConditionalGeneration:
+  """A tiny random model (the "gqa" config) sized to `ref_proc`'s tokenizer and image tokens, with EOS/pad from
+  the tokenizer, saved to `directory` beside the processor files."""
+  base = hf_config("gqa").to_dict()
+  base["text_config"]["vocab_size"] = len(ref_proc.tokenizer)
+  torch.manual_seed(seed)
+  model = DeepseekVLForConditionalGeneration(DeepseekVLConfig(
+      text_config=base["text_config"], vision_config=base["vision_config"], tie_word_embeddings=False,
+      image_token_id=ref_proc.image_token_id)).eval()
+  _randomise(model)
+  model.generation_config.eos_token_id = model.generation_config.pad_token_id = ref_proc.tokenizer.eos_token_id
+  model.save_pretrained(directory)
+  return model

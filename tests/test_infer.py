@@ -14,10 +14,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration
 
 from dvl_jax.convert import convert_checkpoint
-from reference import DATA, _randomise, hf_config, hf_processor
+from reference import DATA, hf_model_for_processor, hf_processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "infer.py")
@@ -37,16 +36,7 @@ def tiny(tmp_path_factory):
   """(transformers processor, transformers model, converted checkpoint): SigLIP at 32 px, 16 tokens per image."""
   tmp = tmp_path_factory.mktemp("infer")
   ref_proc = hf_processor(str(tmp / "hf"), num_image_tokens=16, size=32)
-  base = hf_config("gqa").to_dict()
-  base["text_config"]["vocab_size"] = len(ref_proc.tokenizer)
-  torch.manual_seed(1)
-  model = DeepseekVLForConditionalGeneration(DeepseekVLConfig(
-      text_config=base["text_config"], vision_config=base["vision_config"], tie_word_embeddings=False,
-      image_token_id=ref_proc.image_token_id)).eval()
-  _randomise(model)
-  model.generation_config.eos_token_id = ref_proc.tokenizer.eos_token_id
-  model.generation_config.pad_token_id = ref_proc.tokenizer.eos_token_id
-  model.save_pretrained(tmp / "hf")
+  model = hf_model_for_processor(ref_proc, str(tmp / "hf"), seed=1)
   convert_checkpoint(tmp / "hf", tmp / "dvl", log=lambda *_: None)
   return ref_proc, model, tmp / "dvl"
 

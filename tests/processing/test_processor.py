@@ -152,19 +152,10 @@ def test_unreadable_image_names_the_file(processors, tmp_path):
 
 def test_messages_to_logits_equal_transformers(tmp_path):
   """A real image through our processor and model vs the transformers processor and model, same tiny weights."""
-  from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration
-
-  from reference import _randomise, hf_config
+  from reference import hf_model_for_processor
 
   ref_proc = hf_processor(str(tmp_path / "hf"), num_image_tokens=16, size=32)
-  base = hf_config("gqa").to_dict()
-  base["text_config"]["vocab_size"] = len(ref_proc.tokenizer)
-  torch.manual_seed(0)
-  model = DeepseekVLForConditionalGeneration(DeepseekVLConfig(
-      text_config=base["text_config"], vision_config=base["vision_config"], tie_word_embeddings=False,
-      image_token_id=ref_proc.image_token_id)).eval()
-  _randomise(model)
-  model.save_pretrained(tmp_path / "hf")
+  model = hf_model_for_processor(ref_proc, str(tmp_path / "hf"))
   convert_checkpoint(tmp_path / "hf", tmp_path / "dvl", log=lambda *_: None)
 
   ours_proc, ours = Processor.from_pretrained(tmp_path / "dvl"), dvl_jax.load(tmp_path / "dvl")
