@@ -162,9 +162,10 @@ def test_repetition_penalty_and_temperature_equal_transformers():
 # ----- shapes, options and errors -----
 
 def test_prompt_lengths_fall_in_few_buckets():
-  assert {bucket_length(t) for t in range(1, 4097)} == {128 * i for i in range(1, 9)} | {1536, 2048, 2560, 3072,
-                                                                                         3584, 4096}
-  assert bucket_length(600) == 640 and bucket_length(4097) == 6144 and bucket_length(128) == 128
+  buckets = {bucket_length(t) for t in range(1, 8193)}
+  assert buckets == {32 * i for i in range(1, 33)} | {128 * i for i in range(9, 33)} | {512 * i for i in range(9, 17)}
+  assert all(bucket_length(t) >= t for t in range(1, 8193))
+  assert bucket_length(600) == 608 and bucket_length(4097) == 4608 and bucket_length(32) == 32
 
 
 def test_generation_errors(models):
