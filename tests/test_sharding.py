@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import dvl_jax
-from dvl_jax import checkpoint
+from dvl_jax import checkpoint, sharding
 from dvl_jax.sharding import MeshSpec, ShardingPlan, make_mesh
 
 # (mesh, the strategy it defaults to): each strategy, and a 2 x 2 x 2 mesh.
@@ -184,3 +184,42 @@ def test_vision_towers_can_use_another_strategy(single_device_run):
   np.testing.assert_allclose(np.asarray(model(**inputs))[real], logits[real], rtol=1e-5,
                              atol=1e-5 * np.abs(logits).max())
   np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=6).tokens, generated.tokens)
+
+
+def test_per_shard_runs_on_each_devices_rows():
+  plan = ShardingPlan("data=4,tensor=2")
+  seen = []
+
+  def fn(x, maybe):
+    seen.append((x.shape, maybe))
+    return jax.lax.map(lambda row: row * 2, x)  # a loop over the rows it is given
+
+  run = sharding.per_shard(fn, in_axes=(("batch", "act_heads"), None), out_axes=("batch", "act_heads"))
+  x = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+  np.testing.assert_array_equal(run(x, None), x * 2)  # no plan: fn on the whole array
+  with plan.activate():
+    out = jax.jit(run)(jax.device_put(x, plan.sharding(("batch", "act_heads"))), None)
+  np.testing.assert_array_equal(out, x * 2)
+  assert seen == [((8, 6), None), ((2, 3), None)]  # 4 batch shards of 2 rows, 2 head shards of 3
+  assert out.sharding.spec == P(("data", "fsdp"), "tensor")
+
+
+def test_data_parallel_prefill_gathers_no_activations():
+  # Attention loops over rows (lax.map). Each device must loop over its own rows: a loop over the global batch
+  # has XLA gather every row onto every device first (this checks the compiled program for it).
+  config = dvl_jax.tiny()
+  plan = ShardingPlan("data=8")
+  model = dvl_jax.Model(config, dvl_jax.init_params(config, plan=plan), plan=plan)
+  b, t = 8, 96  # long enough for the causal blocks of a prefill
+  x = np.zeros((b, t, config.text.embed_dim), np.float32)
+  positions, mask = np.broadcast_to(np.arange(t), (b, t)), np.ones((b, t), np.int32)
+
+  def prefill(params, x, cache):
+    return model.module.apply({"params": params}, x, positions, mask, cache,
+                              method=lambda m, *args: m.language_model(*args))
+
+  with plan.activate():
+    cache = model.init_cache(b, t + 8)
+    hlo = jax.jit(prefill).lower(model.params, plan.put_batch(x, ("batch", None, None)), cache).compile().as_text()
+  assert cache.empty
+  assert "all-gather" not in hlo and "all-reduce" not in hlo

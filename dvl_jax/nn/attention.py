@@ -7,8 +7,12 @@ Axis letters used in shape comments and einsums across dvl_jax:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from dvl_jax import sharding
 
 
 def rope_sin_cos(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -49,53 +53,93 @@ def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
   return (s[None, None, :] <= q_slots[None, :, None]) & kv_valid[:, None, :]
 
 
-def query_block(t: int) -> int:
-  """Queries per block of `dot_product_attention`: the largest divisor of t in [64, 128], else t (one block).
+# Float32 logits computed at once, per step of the loops below: a [T, S] tile this size stays in the CPU's
+# cache through the softmax and the second matmul. On XLA:CPU one layer of a batch-8 640-token prefill (12 heads)
+# ran 290 -> 110 ms against all rows' logits at once (bench/attention.py).
+LOGITS_BUDGET = 4 << 20
 
-  A block's [T', S] float32 logits stay in cache through the softmax, and memory does not grow with T^2: on
-  XLA:CPU, one layer of a 640-token prefill against a 664-slot cache ran 33 -> 23 ms, 1024 tokens 102 -> 42 ms
-  (bench/attention.py)."""
-  return next((c for c in range(128, 63, -1) if t % c == 0), t)
+
+def causal_blocks(t: int) -> int:
+  """How many query blocks a causal attention over t queries is cut into: the largest divisor of t up to 8 whose
+  blocks keep >= 32 queries (1 for short or prime t). Block i reads only the keys up to its last query, which
+  skips (n - 1) / 2n of the work of the full square, 44% at 8 blocks; more blocks would cost compile time (each
+  is its own code) for little more."""
+  return next((n for n in range(8, 1, -1) if t % n == 0 and t // n >= 32), 1)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
-  """q [B, K, G, T, H]; k, v [B, K, S, H]; mask bool [B, T, S] or None. Returns [B, K, G, T, H]."""
-  logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  """q [..., G, T, H]; k, v [..., S, H]; mask bool [T, S] or [..., 1, T, S] broadcastable to the logits, or
+  None. Returns [..., G, T, H]."""
+  logits = jnp.einsum("...GTH,...SH->...GTS", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   # Normalised after the second matmul: one pass over [T, H] instead of over the [T, S] weights.
-  out = jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("...GTS,...SH->...GTH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
 
 
+def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+  """One row: q [K, G, T, H]; k, v [K, S, H]; mask [T, S] or None. One kv head at a time (lax.map) when all
+  heads' logits would overflow LOGITS_BUDGET."""
+  kv_heads, g, t = q.shape[:3]
+  if kv_heads == 1 or kv_heads * g * t * k.shape[1] * 4 <= LOGITS_BUDGET:
+    return _attend(q, k, v, mask, scale)
+  return jax.lax.map(lambda x: _attend(*x, mask, scale), (q, k, v))
+
+
+def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float,
+                 causal: bool) -> jax.Array:
+  """One row at a time (lax.map): q [B, K, G, T, H]; k, v [B, K, S, H]; mask [B, T, S] or None."""
+  t, s = q.shape[3], k.shape[2]
+
+  def row(x):
+    q, k, v, mask = x  # [K, G, T, H], [K, S, H], [K, S, H], [T, S] | None
+    if not causal:
+      return _attend_row(q, k, v, mask, scale)
+    n_blocks, offset = causal_blocks(t), s - t
+    size = t // n_blocks
+    outs = []
+    for i in range(n_blocks):  # static slices: each block is its own code
+      end = offset + (i + 1) * size  # keys after the block's last query are never read
+      outs.append(_attend_row(q[:, :, i * size:(i + 1) * size], k[:, :end], v[:, :end],
+                              None if mask is None else mask[i * size:(i + 1) * size, :end], scale))
+    return jnp.concatenate(outs, axis=2)
+
+  return jax.lax.map(row, (q, k, v, mask))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-                          scale: float | None = None) -> jax.Array:
-  """Softmax attention with grouped kv heads; logits and softmax in float32, queries in blocks.
+                          scale: float | None = None, *, causal: bool = False) -> jax.Array:
+  """Softmax attention with grouped kv heads; logits and softmax in float32.
 
   A query whose mask is all False (a left-padding position) gets a uniform average instead of NaN; its
-  output is never used.
+  output is never used. Few queries (a decode step) or small logits run at once over the batch; otherwise one
+  row at a time (lax.map, on each device over its own rows), in tiles of at most LOGITS_BUDGET bytes of logits.
 
   Args:
     q: [B, T, N, H].
     k, v: [B, K, S, H] with K dividing N; query head n reads kv head n // (N / K), as transformers' repeat_kv.
     mask: optional bool [B, T, S].
     scale: logit scale, default H^-0.5.
+    causal: query t sits at key slot S - T + t and the mask hides every later slot (a prefill: S == T). The
+      queries then run in `causal_blocks(T)` blocks, each against the keys up to its last query only. The mask
+      is applied as given either way.
   Returns:
     [B, T, N, H].
   """
   b, t, n, h = q.shape
-  kv_heads = k.shape[1]
+  kv_heads, s = k.shape[1], k.shape[2]
   g = n // kv_heads
   scale = h**-0.5 if scale is None else scale
   q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-  block = query_block(t)
-  if block == t:
-    out = _attend(q, k, v, mask, scale)
-  else:  # lax.map over blocks: one compiled body however long the prompt
-    c = t // block
-    q_blocks = jnp.moveaxis(q.reshape(b, kv_heads, g, c, block, h), 3, 0)  # [C, B, K, G, T', H]
-    mask_blocks = None if mask is None else jnp.moveaxis(mask.reshape(b, c, block, -1), 1, 0)  # [C, B, T', S]
-    out = jax.lax.map(lambda qm: _attend(qm[0], k, v, qm[1], scale), (q_blocks, mask_blocks))
-    out = jnp.moveaxis(out, 0, 3).reshape(b, kv_heads, g, t, h)
+  # With fewer queries than head dims, the logits are smaller than the keys they are computed from: nothing
+  # to gain from tiles.
+  if not causal and (t < h or b * n * t * s * 4 <= LOGITS_BUDGET):
+    out = _attend(q, k, v, None if mask is None else mask[:, None, None], scale)
+  else:
+    heads, kv = ("batch", "act_kv_heads", None, None, None), ("batch", "act_kv_heads", None, None)
+    rows = sharding.per_shard(functools.partial(_attend_rows, scale=scale, causal=causal),
+                              in_axes=(heads, kv, kv, ("batch", None, None)), out_axes=heads)
+    out = rows(q, k, v, mask)  # [B, K, G, T, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

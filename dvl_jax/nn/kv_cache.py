@@ -26,12 +26,16 @@ class KVCache:
     k, v: tuples of L arrays [B, K, S, H], one per layer.
     valid: bool [B, S], slots that hold a real token (False for padding and for slots not written yet).
     end: int32 [], the number of slots written so far (the next write starts here).
+    empty: static: nothing was written yet (as `init` returns it). A prefill into an empty cache attends only
+      to its own tokens, causally, and skips the keys after each block of queries; a program traced for an
+      empty cache is not reused for a filled one.
   """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   valid: jax.Array
   end: jax.Array
+  empty: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def init(cls, config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -44,7 +48,7 @@ class KVCache:
     layers = range(config.num_layers)
     return cls(k=tuple(zeros() for _ in layers), v=tuple(zeros() for _ in layers),
                valid=constrain(jnp.zeros((batch_size, max_len), bool), ("batch", "cache_seq")),
-               end=jnp.zeros((), jnp.int32))
+               end=jnp.zeros((), jnp.int32), empty=True)
 
   @property
   def max_len(self) -> int:

@@ -33,9 +33,10 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, cache_kv: CacheKV,
-               write_index: jax.Array) -> tuple[jax.Array, CacheKV]:
-    """x: [B, T, D]; sin, cos: [B, T, H]; mask: bool [B, T, S]; cache_kv: this layer's cache or None, the new
-    k, v written at slot `write_index`. Returns ([B, T, D], cache_kv)."""
+               write_index: jax.Array, new_only: bool) -> tuple[jax.Array, CacheKV]:
+    """x: [B, T, D]; sin, cos: [B, T, H]; cache_kv: this layer's cache or None, the new k, v written at slot
+    `write_index`; new_only: the tokens attend only to each other (no cache, or an empty one), mask: bool
+    [B, T, T]; else they attend to the whole cache, mask [B, T, S]. Returns ([B, T, D], cache_kv)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, kvh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -48,8 +49,9 @@ class LlamaAttention(nn.Module):
       start = (0, 0, write_index, 0)
       cache_kv = tuple(constrain(lax.dynamic_update_slice(c, new.astype(c.dtype), start), CACHE_AXES)
                        for c, new in zip(cache_kv, (k, v)))
-      k, v = (c.astype(self.dtype) for c in cache_kv)  # [B, K, S, H]
-    out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
+      if not new_only:
+        k, v = (c.astype(self.dtype) for c in cache_kv)  # [B, K, S, H]
+    out = dot_product_attention(q, k, v, mask, causal=new_only)  # [B, T, N, H]
     out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     out = Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="o_proj", **kw)(out)
     return out, cache_kv
@@ -64,12 +66,12 @@ class LlamaDecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, cache_kv: CacheKV,
-               write_index: jax.Array) -> tuple[jax.Array, CacheKV]:
+               write_index: jax.Array, new_only: bool) -> tuple[jax.Array, CacheKV]:
     """x: [B, T, D]; the rest as LlamaAttention. Returns ([B, T, D], cache_kv)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(cfg.norm_eps, name="input_layernorm", **kw)(x)
-    h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, write_index)
+    h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, write_index, new_only)
     x = x + h
     x = x + SwiGLU(cfg.mlp_dim, name="mlp", **kw)(RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **kw)(x))
     x = constrain(x, ("batch", "seq", "act_embed"))
@@ -109,24 +111,28 @@ class LlamaDecoder(nn.Module):
       positions: int [B, T], RoPE positions (for a left-padded batch: cumsum(attention_mask) - 1).
       attention_mask: [B, T], 1 for real tokens, 0 for padding.
       cache: None for a plain forward (tokens attend only to each other, causally); otherwise the tokens
-        are written at slots [cache.end, cache.end + T) and attend to everything written before.
+        are written at slots [cache.end, cache.end + T) and attend to everything written before (for an
+        empty cache, only to each other, as without one).
       last_only: compute logits for the last position only (prefill before sampling): [B, 1, V].
     Returns:
       (logits [B, T, V], the updated cache or None).
     """
     t = x.shape[1]
+    new_only = cache is None or cache.empty  # the tokens attend only to each other
+    write_index = jnp.zeros((), jnp.int32) if new_only else cache.end
     valid = attention_mask.astype(bool)
-    if cache is None:
-      write_index = jnp.zeros((), jnp.int32)
-    else:
-      write_index = cache.end
+    if new_only:
+      mask = causal_mask(jnp.arange(t), valid)  # [B, T, T]
+    if cache is not None:
       valid = constrain(lax.dynamic_update_slice(cache.valid, valid, (0, write_index)), ("batch", "cache_seq"))
-    mask = causal_mask(write_index + jnp.arange(t), valid)  # [B, T, S]
+    if not new_only:
+      mask = causal_mask(write_index + jnp.arange(t), valid)  # [B, T, S]
     sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
     x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      x, layer_kv = layer(x, sin, cos, mask, None if cache is None else (cache.k[i], cache.v[i]), write_index)
+      x, layer_kv = layer(x, sin, cos, mask, None if cache is None else (cache.k[i], cache.v[i]), write_index,
+                          new_only)
       if cache is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])

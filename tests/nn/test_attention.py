@@ -7,7 +7,8 @@ import torch
 from transformers.models.llama.modeling_llama import (LlamaConfig as HFLlamaConfig, LlamaRotaryEmbedding,
                                                       apply_rotary_pos_emb, repeat_kv)
 
-from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention, query_block, rope_sin_cos
+from dvl_jax.nn import attention
+from dvl_jax.nn.attention import apply_rope, causal_blocks, causal_mask, dot_product_attention, rope_sin_cos
 from reference import max_rel_err
 
 RNG = np.random.default_rng(0)
@@ -39,28 +40,50 @@ def test_causal_mask_with_left_padding_and_cache_offset():
   np.testing.assert_array_equal(mask[1], [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
 
 
-@pytest.mark.parametrize("t, s", [(5, 5), (256, 259), (576, 576)], ids=["one-block", "2-blocks-of-128", "6-of-96"])
-def test_grouped_attention_matches_repeat_kv_eager_attention(t, s):
+def reference_attention(q, k, v, mask):
+  """transformers' eager LLaMA attention: repeat_kv, masked_fill with the float32 minimum, softmax, P.V."""
+  n, kv_heads, h = q.shape[2], k.shape[1], q.shape[3]
+  qt = torch.tensor(q).transpose(1, 2)
+  kt, vt = (repeat_kv(torch.tensor(x), n // kv_heads) for x in (k, v))
+  logits = qt @ kt.transpose(2, 3) * h**-0.5
+  if mask is not None:
+    logits = logits.masked_fill(~torch.tensor(mask)[:, None], torch.finfo(torch.float32).min)
+  return (logits.softmax(-1) @ vt).transpose(1, 2).numpy()
+
+
+# budget: LOGITS_BUDGET in bytes, which picks the path: whole batch at once, a row at a time, a kv head at a time.
+@pytest.mark.parametrize("t, s, causal, budget", [
+    (5, 5, False, None), (64, 67, False, 64 * 67 * 4 * 6), (64, 67, False, 1024),
+    (256, 256, True, None), (96, 100, True, None), (96, 100, True, 1024), (37, 37, True, None)],
+    ids=["batch-at-once", "row-at-once", "kv-head-at-a-time", "causal-8-blocks", "causal-behind-a-cache",
+         "causal-kv-head-at-a-time", "causal-prime-length-1-block"])
+def test_grouped_attention_matches_repeat_kv_eager_attention(t, s, causal, budget, monkeypatch):
   b, n, k, h = 2, 6, 2, 8
-  assert query_block(t) == {5: 5, 256: 128, 576: 96}[t]  # the long cases run the blocked path
+  if budget is not None:
+    monkeypatch.setattr(attention, "LOGITS_BUDGET", budget)
   q = RNG.standard_normal((b, t, n, h)).astype(np.float32)
   kv = RNG.standard_normal((2, b, k, s, h)).astype(np.float32)
   mask = np.array(causal_mask(jnp.arange(s - t, s), jnp.ones((b, s), bool)))
   mask[1, :, 0] = False  # a padded first token in row 1
-  ours = dot_product_attention(jnp.asarray(q), jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.asarray(mask))
-  qt = torch.tensor(q).transpose(1, 2)
-  kt, vt = (repeat_kv(torch.tensor(x), n // k) for x in kv)
-  logits = qt @ kt.transpose(2, 3) * h**-0.5
-  logits = logits.masked_fill(~torch.tensor(mask)[:, None], torch.finfo(torch.float32).min)
-  ref = (logits.softmax(-1) @ vt).transpose(1, 2).numpy()
+  ours = dot_product_attention(jnp.asarray(q), jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.asarray(mask),
+                               causal=causal)
+  ref = reference_attention(q, kv[0], kv[1], mask)
   # With a cache offset of 0, row 1's first query attends nothing valid; its output is never used.
   skip = 1 if s == t else 0
   assert max_rel_err(np.asarray(ours)[:, skip:], ref[:, skip:]) < 1e-5
   assert np.isfinite(np.asarray(ours)).all()
 
 
-def test_attention_without_mask_in_blocks():
-  b, t, n, h = 1, 256, 2, 4
+def test_causal_blocks_divide_the_queries():
+  assert [causal_blocks(t) for t in (1, 37, 64, 256, 600, 608, 640)] == [1, 1, 2, 8, 8, 8, 8]
+  assert all(t % causal_blocks(t) == 0 for t in range(1, 2049))
+
+
+@pytest.mark.parametrize("budget", [None, 1024], ids=["row-at-once", "head-at-a-time"])
+def test_attention_without_mask(budget, monkeypatch):
+  if budget is not None:
+    monkeypatch.setattr(attention, "LOGITS_BUDGET", budget)
+  b, t, n, h = 2, 96, 2, 4
   q, k, v = (RNG.standard_normal(shape).astype(np.float32) for shape in ((b, t, n, h), (b, n, t, h), (b, n, t, h)))
   ours = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
   ref = torch.nn.functional.scaled_dot_product_attention(

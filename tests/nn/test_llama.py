@@ -36,7 +36,7 @@ def test_decoder_layer_matches_transformers(heads, kv_heads):
   sin, cos = rope_sin_cos(jnp.asarray(positions), h, cfg.rope_theta)
   mask = causal_mask(jnp.arange(t), jnp.asarray(attn, bool))
   layer = LlamaDecoderLayer(cfg)
-  args = (jnp.asarray(x), sin, cos, mask, None, jnp.zeros((), jnp.int32))
+  args = (jnp.asarray(x), sin, cos, mask, None, jnp.zeros((), jnp.int32), True)
   params = torch_params(layer, ref_layer, *args)
   ours, _ = layer.apply({"params": params}, *args)
 
@@ -59,9 +59,12 @@ def _decoder():
   return cfg, module, nn.meta.unbox(params)
 
 
-def test_cached_prefill_and_decode_equal_the_full_forward():
+# The first chunk goes into an empty cache (its tokens attend only to each other, in causal blocks); a second
+# chunk of several tokens attends to the filled cache (a chunked prefill, or a follow-up turn).
+@pytest.mark.parametrize("chunks", [(5,), (3, 2)], ids=["one-prefill", "prefill-in-two-chunks"])
+def test_cached_prefill_and_decode_equal_the_full_forward(chunks):
   cfg, module, params = _decoder()
-  b, t, prompt = 2, 9, 5
+  b, t, prompt = 2, 9, sum(chunks)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, 64, (b, t)))
   attn = np.ones((b, t), np.int32)
@@ -76,8 +79,13 @@ def test_cached_prefill_and_decode_equal_the_full_forward():
   full, none = run(ids, positions, attn, None)
   assert none is None
   cache = KVCache.init(cfg, b, max_len=12)
-  logits, cache = run(ids[:, :prompt], positions[:, :prompt], attn[:, :prompt], cache)
-  steps = [logits]
+  assert cache.empty
+  steps, start = [], 0
+  for n in chunks:
+    logits, cache = run(ids[:, start:start + n], positions[:, start:start + n], attn[:, start:start + n], cache)
+    assert not cache.empty
+    steps.append(logits)
+    start += n
   for i in range(prompt, t):
     # Decode: the next position is the row's count of real tokens so far.
     pos = cache.next_positions()[:, None]
