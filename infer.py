@@ -47,6 +47,7 @@ def main(argv=None) -> int:
   from dvl_jax.captioning import Captioner, ResultFile, collect
 
   # Everything that can be wrong with the arguments fails here, before the model loads.
+  existed, results = os.path.exists(args.out), None
   try:
     sources = collect(args.images)
     if not sources.items:
@@ -62,6 +63,10 @@ def main(argv=None) -> int:
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           seed=args.seed)
   except (OSError, ValueError) as e:
+    if results is not None:
+      results.close()
+      if not existed and os.path.getsize(args.out) == 0:
+        os.remove(args.out)  # a run that never started leaves no output file behind
     print(f"infer.py: {e}", file=sys.stderr)
     return 2
   if sources.skipped:

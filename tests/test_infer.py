@@ -144,7 +144,11 @@ def test_bad_arguments_fail_before_any_work(tiny, tmp_path, capsys):
     assert infer.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), (message, err)
-  assert not (tmp_path / "a.jsonl").exists() or (tmp_path / "a.jsonl").read_text() == ""
+  assert not (tmp_path / "a.jsonl").exists()  # not even empty: the missing checkpoint fails after it is opened
+  kept = tmp_path / "kept.jsonl"
+  kept.write_text("")
+  assert infer.main([str(a) for a in ["--ckpt", tmp_path / "missing", "--images", image, "--out", kept]]) == 2
+  assert kept.exists()  # a file the user had is never removed
 
 
 def test_a_jsonl_manifest_carries_prompts(tiny, tmp_path):
