@@ -85,7 +85,15 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
   if want != have:
     diff = sorted(f"{k}: stored {have.get(k)}, config wants {want.get(k)}"
                   for k in set(want) | set(have) if want.get(k) != have.get(k))
-    raise ValueError(f"The params in {params_dir} do not match {CONFIG_FILE}:\n  " + "\n  ".join(diff[:20]))
+    if any(k.startswith("['language_model']['layers']") for k in have):
+      hint = ("These params stack the decoder's layers under ['language_model']['layers'], as dvl_jax wrote them "
+              "before its decoder layers were unrolled (one param set per layer): re-convert the source "
+              "checkpoint with convert/torch_to_orbax.py.")
+    else:
+      hint = ("If the config is right, the params come from another model or an older dvl_jax: re-convert the "
+              "source checkpoint with convert/torch_to_orbax.py.")
+    raise ValueError(f"The params in {params_dir} do not match {CONFIG_FILE}:\n  " + "\n  ".join(diff[:20]) +
+                     f"\n{hint}")
   return checkpointer.restore(params_dir, abstract_params)
 
 

@@ -1,5 +1,6 @@
 """dvl_jax.load and the model call: errors that name the problem."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -33,8 +34,23 @@ def test_load_refuses_params_that_disagree_with_the_config(tmp_path, converted):
   other = tmp_path / "other"
   checkpoint.save(other, dvl_jax.init_params(small.replace(text=dvl_jax.LlamaConfig(
       **{**small.text.__dict__, "mlp_dim": 96}))), small)
-  with pytest.raises(ValueError, match=r"do not match dvl_config.json:\n.*mlp.*stored .*96"):
+  with pytest.raises(ValueError, match=r"(?s)do not match dvl_config.json:\n.*mlp.*stored .*96.*re-convert"):
     dvl_jax.load(other)
+
+
+def test_load_explains_a_checkpoint_with_stacked_decoder_layers(tmp_path, converted):
+  # dvl_jax wrote the decoder's layers stacked ([L, ...] under nn.scan) before they were unrolled.
+  _, _, dst = converted
+  config = dvl_jax.load(dst).config
+  params = jax.tree.map(np.asarray, dvl_jax.init_params(config))
+  text = params["language_model"]
+  layers = [text.pop(f"layers_{i}") for i in range(config.text.num_layers)]
+  text["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+  old = tmp_path / "old"
+  checkpoint.save(old, params, config)
+  with pytest.raises(ValueError, match=r"(?s)\['language_model'\]\['layers_0'\].*stack the decoder's layers.*"
+                                       r"re-convert the source checkpoint"):
+    dvl_jax.load(old)
 
 
 def test_model_input_errors(converted):
