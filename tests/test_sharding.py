@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 import dvl_jax
 from dvl_jax import checkpoint, sharding
+from dvl_jax.nn import attention
 from dvl_jax.sharding import MeshSpec, ShardingPlan, make_mesh
 
 # (mesh, the strategy it defaults to): each strategy, and a 2 x 2 x 2 mesh.
@@ -180,6 +181,18 @@ def test_vision_towers_can_use_another_strategy(single_device_run):
   model = dvl_jax.Model(config, params, plan=ShardingPlan("fsdp=4,tensor=2", vision_strategy="data"))
   vision_q = model.params["vision_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert vision_q.sharding.spec == P(None, None, None, None)
+  real = inputs["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(model(**inputs))[real], logits[real], rtol=1e-5,
+                             atol=1e-5 * np.abs(logits).max())
+  np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=6).tokens, generated.tokens)
+
+
+def test_tiled_attention_sharded_equals_single_device(single_device_run, monkeypatch):
+  # With no logits budget every attention with as many queries as head dims (SigLIP's, the decoder's prefill)
+  # runs a row and a kv head at a time, under shard_map with rows and heads split over the mesh.
+  config, params, inputs, logits, generated = single_device_run
+  monkeypatch.setattr(attention, "LOGITS_BUDGET", 0)
+  model = dvl_jax.Model(config, params, plan=ShardingPlan("data=2,fsdp=2,tensor=2"))
   real = inputs["attention_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(model(**inputs))[real], logits[real], rtol=1e-5,
                              atol=1e-5 * np.abs(logits).max())
