@@ -91,18 +91,22 @@ def test_forward_with_cache_prefills_images_then_decodes_like_transformers(conve
   assert int(cache.end) == ids.shape[1]
 
 
+def _zeros(config):
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), dvl_jax.abstract_params(config))
+
+
 def test_hybrid_model_input_errors():
   from dvl_jax.config import from_hf_config
   from reference import hf_hybrid_config, hf_hybrid_model
 
   config = from_hf_config(hf_hybrid_config().to_dict())
-  model = dvl_jax.Model(config, dvl_jax.init_params(config))
+  model = dvl_jax.Model(config, _zeros(config))  # input checks need no weights (random init compiles for a minute)
   ids, mask, pixels, high = random_inputs(hf_hybrid_model(), [1, 0])
   assert model(input_ids=ids, attention_mask=mask, pixel_values=pixels, high_res_pixel_values=high).shape[:2] == ids.shape
   with pytest.raises(ValueError, match=r"takes high_res_pixel_values \[2, 1, 64, 64, 3\] beside pixel_values.*got none"):
     model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
   with pytest.raises(ValueError, match=r"got shape \(2, 1, 32, 32, 3\)"):
     model(input_ids=ids, attention_mask=mask, pixel_values=pixels, high_res_pixel_values=pixels)
-  plain = dvl_jax.Model(dvl_jax.tiny(), dvl_jax.init_params(dvl_jax.tiny()))
+  plain = dvl_jax.Model(dvl_jax.tiny(), _zeros(dvl_jax.tiny()))
   with pytest.raises(ValueError, match="has no high-resolution"):
     plain(input_ids=np.zeros((1, 3), np.int32), high_res_pixel_values=high)
