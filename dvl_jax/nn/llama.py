@@ -120,13 +120,11 @@ class LlamaDecoder(nn.Module):
     t = x.shape[1]
     new_only = cache is None or cache.empty  # the tokens attend only to each other
     write_index = jnp.zeros((), jnp.int32) if new_only else cache.end
-    valid = attention_mask.astype(bool)
-    if new_only:
-      mask = causal_mask(jnp.arange(t), valid)  # [B, T, T]
+    valid = attention_mask.astype(bool)  # [B, T]
     if cache is not None:
-      valid = constrain(lax.dynamic_update_slice(cache.valid, valid, (0, write_index)), ("batch", "cache_seq"))
-    if not new_only:
-      mask = causal_mask(write_index + jnp.arange(t), valid)  # [B, T, S]
+      cache_valid = constrain(lax.dynamic_update_slice(cache.valid, valid, (0, write_index)), ("batch", "cache_seq"))
+    # [B, T, T] among the new tokens, or [B, T, S] over the whole cache
+    mask = causal_mask(jnp.arange(t), valid) if new_only else causal_mask(write_index + jnp.arange(t), cache_valid)
     sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
     x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
@@ -141,5 +139,5 @@ class LlamaDecoder(nn.Module):
     logits = self.lm_head(self.norm(x))  # [B, T, V]
     logits = constrain(logits, ("batch", "seq", "act_vocab"))
     if cache is not None:
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, end=write_index + t)
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=cache_valid, end=write_index + t)
     return logits, cache
