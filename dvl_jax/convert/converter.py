@@ -22,6 +22,7 @@ from dvl_jax.config import ModelConfig, from_hf_config, hf_ties_embeddings, load
 from dvl_jax.convert import keymap
 from dvl_jax.convert.safetensors_io import INDEX_FILE, SafetensorsCheckpoint
 from dvl_jax.model import abstract_params
+from dvl_jax.staging import check_destination, staged_directory
 
 IMAGE_TOKEN = "<image_placeholder>"
 _COPIED_SUFFIXES = (".json", ".jinja", ".model", ".txt")
@@ -43,14 +44,36 @@ def image_token_from_tokenizer(src: str) -> int | None:
   return None
 
 
-def read_source_config(src: str) -> tuple[ModelConfig, dict[str, Any]]:
-  """The ModelConfig of a PyTorch checkpoint directory and its raw config.json."""
+class PathError(ValueError):
+  """--src / --dst name places that cannot be converted from or to (a usage error: exit status 2)."""
+
+
+def check_paths(src: str, dst: str, *, overwrite: bool) -> None:
+  """Refuses, before any work, a source that is not a PyTorch checkpoint and a destination that would destroy
+  the source or a user's file: raises FileNotFoundError, FileExistsError or PathError saying which."""
   if not os.path.isdir(src):
-    raise FileNotFoundError(f"Source checkpoint directory {src!r} does not exist.")
-  path = os.path.join(src, "config.json")
-  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Source checkpoint directory {src!r} does not exist" +
+                            (" (it is a file)." if os.path.exists(src) else "."))
+  if os.path.isfile(os.path.join(src, checkpoint.CONFIG_FILE)):
+    raise PathError(f"{src!r} is already a converted dvl_jax checkpoint (it has {checkpoint.CONFIG_FILE}); load it "
+                    "directly (dvl_jax.load, infer.py --ckpt) or pass the PyTorch checkpoint it came from as --src.")
+  real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+  if real_src == real_dst:
+    raise PathError(f"--dst {dst!r} is the source checkpoint itself; choose another directory.")
+  if os.path.commonpath([real_src, real_dst]) == real_src:
+    raise PathError(f"--dst {dst!r} lies inside the source checkpoint {src!r}; choose a directory outside it.")
+  if os.path.commonpath([real_src, real_dst]) == real_dst:
+    raise PathError(f"--dst {dst!r} contains the source checkpoint {src!r}; replacing it would delete the "
+                    "source. Choose another directory.")
+  check_destination(dst, overwrite=overwrite)
+  if not os.path.isfile(os.path.join(src, "config.json")):
     raise FileNotFoundError(f"{src!r} has no config.json; expected a DeepSeek-VL checkpoint directory "
                             "(config.json plus safetensors weights).")
+
+
+def read_source_config(src: str) -> tuple[ModelConfig, dict[str, Any]]:
+  """The ModelConfig of a PyTorch checkpoint directory and its raw config.json."""
+  path = os.path.join(src, "config.json")
   try:
     raw = load_json(path)
   except json.JSONDecodeError as e:
@@ -102,16 +125,15 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
 
   Args:
     src: a directory with config.json and safetensors weights (single file or index + shards).
-    dst: the output directory; must not exist or be empty unless `overwrite`.
+    dst: the output directory; must not exist or be empty unless `overwrite`. It must not be, hold or lie
+      inside `src`. Nothing in it changes until the new checkpoint is complete (written beside it, then swapped
+      in); a failed or interrupted conversion leaves it as it was.
     dtype: "float32" | "bfloat16" | "float16" for the stored params; default the source's float dtype.
   Returns:
     the ModelConfig written.
   """
   src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
-  if os.path.isdir(dst) and os.listdir(dst):
-    if not overwrite:
-      raise FileExistsError(f"Destination {dst!r} is not empty; choose a new directory or pass --overwrite.")
-    shutil.rmtree(dst)
+  check_paths(src, dst, overwrite=overwrite)
   start = time.time()
   config, raw_config = read_source_config(src)
   reader = SafetensorsCheckpoint(src)
@@ -146,10 +168,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     raise ValueError("\n  ".join(parts))
 
   n = sum(x.size for x in jax.tree.leaves(params))
-  checkpoint.save(dst, params, config)
-  for name in sorted(os.listdir(src)):
-    if name.endswith(_COPIED_SUFFIXES) and name != INDEX_FILE and os.path.isfile(os.path.join(src, name)):
-      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+  with staged_directory(dst, overwrite=overwrite, log=log) as tmp:
+    for name in sorted(os.listdir(src)):
+      if name.endswith(_COPIED_SUFFIXES) and name != INDEX_FILE and os.path.isfile(os.path.join(src, name)):
+        shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    checkpoint.save(tmp, params, config)  # its config file last: a directory without it is never loaded
   log(f"Converted {src} ({fmt} layout, {len(reader.keys())} tensors, {len(skipped)} unused skipped) -> {dst}: "
       f"{n:,} params in {dtype}, {time.time() - start:.1f} s.")
   return config
@@ -159,14 +182,21 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description="Convert a DeepSeek-VL PyTorch (safetensors) checkpoint, "
                                    "transformers '-hf' or original deepseek-ai layout, to a dvl_jax Orbax checkpoint.")
   parser.add_argument("--src", required=True, help="directory with config.json and *.safetensors")
-  parser.add_argument("--dst", required=True, help="output directory (new or empty)")
+  parser.add_argument("--dst", required=True, help="output directory (new or empty; see --overwrite)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="dtype of the stored params (default: the source's)")
-  parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --dst, once the new checkpoint is complete")
   args = parser.parse_args(argv)
   try:
     convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
+  except (FileNotFoundError, FileExistsError, PathError) as e:  # the arguments name the wrong places
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (ValueError, OSError) as e:  # the source checkpoint is broken or inconsistent, or writing failed
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"Interrupted; {args.dst} is unchanged.", file=sys.stderr)
+    return 130
   return 0

@@ -133,7 +133,7 @@ def test_cli_converts_and_reports_errors(tmp_path):
   assert "Converted" in ok.stdout
   again = subprocess.run([sys.executable, script, "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "out")],
                          capture_output=True, text=True)
-  assert again.returncode == 1 and "is not empty" in again.stderr and "--overwrite" in again.stderr
+  assert again.returncode == 2 and "is not empty" in again.stderr and "--overwrite" in again.stderr
 
 
 # ----- the hybrid (SAM + SigLIP) model -----
