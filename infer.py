@@ -5,9 +5,12 @@
 PATH: an image file, a directory (searched recursively for image files), a glob ("photos/**/*.jpg") or a manifest
 (.txt: one image per line; .jsonl: {"image": ..., "prompt": ...} per line). Each output line has image, prompt,
 caption, num_tokens (generated, EOS included), finish_reason ("stop" at EOS, "length" at --max-new-tokens) and
-error (null on success). Rerunning with the same --out skips the images already there. Ctrl-C stops after the
-current batch (twice: at once); nothing is half-written. Exit status: 0 all captioned, 1 some image failed,
-2 bad arguments, 130 interrupted.
+error (null on success), and warning when decoding the image warned (e.g. a very large image). Rerunning with
+the same --out skips the images already captioned and retries those whose line is an error (a new line is
+appended: the last line of an image and prompt is the one that counts; --no-retry-errors skips them too).
+Ctrl-C stops after the current batch (twice: at once); nothing is half-written. Exit status: 0 every image has
+a caption, 1 some image's last line is still an error, 2 bad arguments (nothing is loaded or written),
+130 interrupted.
 """
 
 import argparse
@@ -37,8 +40,29 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--mesh", default=None, help='a device mesh, e.g. "data=-1" (default: the first device)')
   p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
   p.add_argument("--compilation-cache", default=None, help="a directory to keep compiled programs across runs")
+  p.add_argument("--no-retry-errors", action="store_true",
+                 help="skip images whose line in --out is an error (default: try them again)")
   p.add_argument("--no-progress", action="store_true")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  check_args(p, args)
+  return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Refuses values that could only fail later, after the model has loaded (exit 2, nothing written)."""
+  from dvl_jax.sampling import SamplingConfig
+
+  for name in ("batch_size", "max_new_tokens", "workers"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+  try:
+    SamplingConfig(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty)
+  except ValueError as e:  # its message names the value; give it the flag's name
+    message = str(e).replace("use do_sample=False for greedy", "omit --do-sample for greedy decoding")
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+      message = message.replace(name, "--" + name.replace("_", "-"))
+    parser.error(message)
 
 
 def main(argv=None) -> int:
@@ -73,13 +97,16 @@ def main(argv=None) -> int:
     print(f"Skipping {len(sources.skipped)} file(s) without an image extension, e.g. {sources.skipped[0]}",
           file=sys.stderr)
   try:
-    summary = captioner.run(sources.items, results, progress=not args.no_progress)
+    summary = captioner.run(sources.items, results, progress=not args.no_progress,
+                            retry_errors=not args.no_retry_errors)
   finally:
     results.close()
   print(f"{summary}. Results in {args.out}.", file=sys.stderr)
+  if summary.failures:
+    print(f"{len(summary.failures)} image(s) without a caption:\n{summary.failure_report(args.out)}", file=sys.stderr)
   if summary.interrupted:
     return 130
-  return 1 if summary.failed else 0
+  return 1 if summary.failures else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dvl_jax.convert import convert_checkpoint
 from reference import DATA, hf_model_for_processor, hf_processor
@@ -90,11 +91,60 @@ def test_captions_equal_transformers_and_errors_get_a_line(tiny, tmp_path):
     assert row["num_tokens"] == len(generated)
     assert row["finish_reason"] == ("stop" if int(generated[-1]) == ref_proc.tokenizer.eos_token_id else "length")
 
-  again = _run("--ckpt", ckpt, "--images", images, "--out", out, "--prompt", PROMPT, "--batch-size", 2,
-               "--max-new-tokens", 6, "--no-progress")
-  assert again.returncode == 0, again.stderr
-  assert "0 captioned, 0 failed, 8 already done" in again.stderr
-  assert len(_lines(out)) == len(expected_images)
+  # A rerun retries the two failed images (they fail again: exit 1, a new line each, the captions untouched).
+  args = ["--ckpt", ckpt, "--images", images, "--out", out, "--prompt", PROMPT, "--batch-size", 2,
+          "--max-new-tokens", 6, "--no-progress"]
+  again = _run(*args)
+  assert again.returncode == 1, again.stderr
+  assert "0 captioned, 2 failed (2 retried), 6 already done" in again.stderr
+  assert len(_lines(out)) == len(expected_images) + 2
+  skip = _run(*args, "--no-retry-errors")
+  assert skip.returncode == 1, skip.stderr  # still failed, though not tried: the exit status says so
+  assert "0 captioned, 0 failed, 8 already done, 2 failed earlier and not retried" in skip.stderr
+  assert len(_lines(out)) == len(expected_images) + 2
+  # Once the file is fixed, a rerun captions it; its last line is the one that counts.
+  shutil.copy(os.path.join(DATA, "rap.jpeg"), images / "truncated.jpg")
+  os.remove(images / "not_an_image.png")
+  fixed = _run(*args)
+  assert fixed.returncode == 0, fixed.stderr
+  assert "1 captioned, 0 failed (1 retried), 6 already done" in fixed.stderr
+  last = {}
+  for row in _lines(out):
+    last[os.path.relpath(row["image"], images)] = row
+  assert last["truncated.jpg"]["error"] is None and last["truncated.jpg"]["caption"] == last["nested/rap.jpeg"][
+      "caption"]
+
+
+def test_failed_images_are_named_and_warnings_recorded(tiny, tmp_path, capsys, monkeypatch):
+  _, _, ckpt = tiny
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.open(os.path.join(DATA, "logo.png")).convert("RGB").resize((40, 32)).save(images / "a_good.png")
+  Image.new("RGB", (48, 40), (200, 30, 30)).save(images / "b_large.png")  # over the (lowered) warning limit
+  (images / "c_empty.jpg").write_bytes(b"")
+  for i in range(6):
+    (images / f"d_text_{i}.png").write_text("not an image")
+  # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; lowered so a small image warns.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 48 * 40 - 1)
+  out = tmp_path / "out.jsonl"
+  code = _infer_module().main([str(a) for a in ["--ckpt", ckpt, "--images", images, "--out", out,
+                                                "--max-new-tokens", 2, "--batch-size", 2]])
+  assert code == 1
+  err = capsys.readouterr().err
+  rows = {os.path.basename(r["image"]): r for r in _lines(out)}
+  assert rows["a_good.png"]["error"] is None and "warning" not in rows["a_good.png"]
+  assert rows["b_large.png"]["error"] is None and "DecompressionBombWarning" in rows["b_large.png"]["warning"]
+  assert "DecompressionBombWarning" not in err  # recorded, not printed through the progress bar
+  assert "c_empty.jpg" in rows["c_empty.jpg"]["error"] and "the file is empty" in rows["c_empty.jpg"]["error"]
+  assert not any("BytesIO" in r["error"] for r in rows.values() if r["error"])
+  # The terminal names the first five failures with their reasons, then points to the file for the rest.
+  assert "7 image(s) without a caption:" in err
+  assert re.search(r"c_empty\.jpg: ImageError: .*the file is empty", err)
+  assert re.search(r"d_text_0\.png: ImageError: .*not an image file", err)
+  assert "d_text_5.png" not in err and f"... and 2 more; see {out}" in err
+  # One rate on the progress bar: ours (images/s and tokens/s), not tqdm's own as well.
+  bar = [line for line in re.split(r"[\r\n]", err) if "/9 [" in line]
+  assert bar and all(line.count("img/s") <= 1 and "it/s" not in line for line in bar)
 
 
 def test_a_killed_run_resumes_without_losing_or_repeating(tiny, tmp_path):
@@ -145,6 +195,18 @@ def test_bad_arguments_fail_before_any_work(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(message, err), (message, err)
   assert not (tmp_path / "a.jsonl").exists()  # not even empty: the missing checkpoint fails after it is opened
+  for flags, message in [(["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+                         (["--batch-size", "0"], "--batch-size must be >= 1"),
+                         (["--do-sample", "--temperature", "0"], "--temperature must be > 0 when sampling"),
+                         (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+                         (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+                         (["--top-k", "-1"], "--top-k must be >= 0"),
+                         (["--repetition-penalty", "0"], "--repetition-penalty must be > 0")]:
+    with pytest.raises(SystemExit) as exit_:
+      infer.main([str(a) for a in ["--ckpt", ckpt, "--images", image, "--out", tmp_path / "a.jsonl", *flags]])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "a.jsonl").exists()
   kept = tmp_path / "kept.jsonl"
   kept.write_text("")
   assert infer.main([str(a) for a in ["--ckpt", tmp_path / "missing", "--images", image, "--out", kept]]) == 2

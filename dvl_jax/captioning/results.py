@@ -11,8 +11,10 @@ class ResultFile:
   """Append-only JSONL of results. Opening it checks that it is writable, repairs a line cut short by a crash,
   and reads which (image, prompt) pairs are already done.
 
+  A retried pair gets a new line; the last line of a pair is the one that counts.
+
   Attributes:
-    done: {(image, prompt): had_error} of the lines already in the file.
+    done: {(image, prompt): the error of its last line, None for a caption} of the lines already in the file.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -24,7 +26,7 @@ class ResultFile:
       self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError as e:
       raise PermissionError(f"Cannot write the output {self.path!r}: {e.strerror}. Choose a writable --out.") from None
-    self.done: dict[tuple[str, str], bool] = {}
+    self.done: dict[tuple[str, str], str | None] = {}
     self._repair_and_read()
 
   def _repair_and_read(self) -> None:
@@ -39,7 +41,7 @@ class ResultFile:
         continue
       try:
         row = json.loads(line)
-        self.done[(row["image"], row["prompt"])] = row.get("error") is not None
+        self.done[(row["image"], row["prompt"])] = row.get("error")  # a later line replaces an earlier one
       except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(f"{self.path}:{number} is not a result line of infer.py ({line[:80]!r}); pass a new --out "
                          "or fix the file.") from None

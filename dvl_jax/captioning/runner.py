@@ -10,44 +10,61 @@ import contextlib
 import dataclasses
 import signal
 import sys
+import threading
 import time
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from dvl_jax import generate as generation
 from dvl_jax.captioning.results import ResultFile
 from dvl_jax.captioning.sources import Item
-from dvl_jax.processing.images import preprocess
+from dvl_jax.processing.images import load_image, preprocess
 
 DEFAULT_PROMPT = "Describe this image."
 
 
 @dataclasses.dataclass
 class Prepared:
-  """An item ready for the device: its prompt ids and preprocessed pixels, or the error that stopped it."""
+  """An item ready for the device: its prompt ids and preprocessed pixels, or the error that stopped it; the
+  warnings raised while decoding it (e.g. Pillow's DecompressionBombWarning), if any."""
 
   item: Item
   prompt: str
   ids: list[int] | None = None
   pixels: dict[str, np.ndarray] | None = None
   error: str | None = None
+  warning: str | None = None
 
 
 @dataclasses.dataclass
 class Summary:
   done: int = 0  # captioned in this run
   failed: int = 0  # error lines written in this run
-  skipped: int = 0  # already in the output
+  skipped: int = 0  # already in the output (captioned, or failed and not retried)
+  retried: int = 0  # failed in an earlier run and tried again in this one
   tokens: int = 0
   seconds: float = 0.0
   interrupted: bool = False
+  failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (image, error) still failed
 
   def __str__(self) -> str:
     rate = f"{self.done / self.seconds:.2f} images/s, {self.tokens / self.seconds:.1f} tokens/s" if self.seconds else ""
     state = "interrupted" if self.interrupted else "finished"
-    return (f"{state}: {self.done} captioned, {self.failed} failed, {self.skipped} already done; "
+    retried = f" ({self.retried} retried)" if self.retried else ""
+    earlier = len(self.failures) - self.failed
+    earlier = f", {earlier} failed earlier and not retried" if earlier else ""
+    return (f"{state}: {self.done} captioned, {self.failed} failed{retried}, {self.skipped} already done{earlier}; "
             f"{self.seconds:.1f} s{', ' + rate if rate else ''}")
+
+  def failure_report(self, out: str, show: int = 5) -> str:
+    """The first `show` failed images with their reasons, then how many more and where to find them."""
+    lines = [f"  {image}: {error}" for image, error in self.failures[:show]]
+    if len(self.failures) > show:
+      lines.append(f"  ... and {len(self.failures) - show} more; see {out}")
+    return "\n".join(lines)
 
 
 class _Stop:
@@ -128,11 +145,16 @@ class Captioner:
   def _prepare(self, item: Item) -> Prepared:
     prompt = item.prompt if item.prompt is not None else self.prompt
     out = Prepared(item, prompt)
+    _caught.messages = caught = []  # the warnings of this thread's image (see _warnings_per_image)
     try:
       out.ids = self._ids(prompt)
-      out.pixels = preprocess(item.image, self.processor.image_config)
+      config = self.processor.image_config
+      out.pixels = preprocess(load_image(item.image, max_pixels=config.max_pixels), config)
     except (OSError, ValueError) as e:  # unreadable, corrupt, truncated, not an image, too large, prompt too long
       out.error = f"{type(e).__name__}: {e}"
+    finally:
+      _caught.messages = None
+    out.warning = "; ".join(dict.fromkeys(caught)) or None
     return out
 
   def _prepared(self, items: Sequence[Item]) -> Iterator[Prepared]:
@@ -164,17 +186,27 @@ class Captioner:
       stopped = n > 0 and int(tokens[-1]) in self.eos_ids
       records.append({"image": p.item.image, "prompt": p.prompt, "caption": self.processor.decode(tokens),
                       "num_tokens": int(n), "finish_reason": "stop" if stopped else "length", "error": None})
+      if p.warning:
+        records[-1]["warning"] = p.warning
     return records
 
-  def run(self, items: Sequence[Item], results: ResultFile, progress: bool = True) -> Summary:
-    """Captions the items not yet in `results`; returns what happened."""
+  def run(self, items: Sequence[Item], results: ResultFile, progress: bool = True,
+          retry_errors: bool = True) -> Summary:
+    """Captions the items not yet in `results`, and those whose last line there is an error unless
+    `retry_errors` is False; returns what happened (`failures`: every item whose last line is an error)."""
     summary = Summary()
     todo = []
     for item in items:
-      if (item.image, item.prompt if item.prompt is not None else self.prompt) in results.done:
-        summary.skipped += 1
-      else:
+      key = (item.image, item.prompt if item.prompt is not None else self.prompt)
+      if key not in results.done:
         todo.append(item)
+      elif results.done[key] is not None and retry_errors:
+        todo.append(item)
+        summary.retried += 1
+      else:
+        summary.skipped += 1
+        if results.done[key] is not None:
+          summary.failures.append((item.image, results.done[key]))
     bar = _progress_bar(len(todo), progress)
     stop = _Stop()
     start = time.perf_counter()
@@ -191,13 +223,14 @@ class Captioner:
       bar.set_postfix_str(f"{summary.done / elapsed:.2f} img/s, {summary.tokens / elapsed:.1f} tok/s", refresh=False)
 
     try:
-      with stop.installed():
+      with stop.installed(), _warnings_per_image(bar):
         for prepared in self._prepared(todo):
           if prepared.error is not None:
             with stop.in_write():
               results.write([{"image": prepared.item.image, "prompt": prepared.prompt, "caption": None,
                               "num_tokens": 0, "finish_reason": None, "error": prepared.error}])
             summary.failed += 1
+            summary.failures.append((prepared.item.image, prepared.error))
             bar.update(1)
           else:
             bucket = buckets[generation.bucket_length(len(prepared.ids))]
@@ -220,7 +253,31 @@ class Captioner:
     return summary
 
 
+_caught = threading.local()  # .messages: the list collecting the warnings of the image this thread decodes
+
+
+@contextlib.contextmanager
+def _warnings_per_image(bar) -> Iterator[None]:
+  """Warnings raised while an image is decoded (Pillow's DecompressionBombWarning, corrupt EXIF, ...) go to that
+  image's record, each time; any other warning is written above the progress bar, not through it."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("always", Image.DecompressionBombWarning)
+    warnings.filterwarnings("always", module=r"PIL\.")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+      text = f"{category.__name__}: {message}"
+      if getattr(_caught, "messages", None) is not None:
+        _caught.messages.append(text)
+      else:
+        bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+
+    warnings.showwarning = show
+    yield
+
+
 def _progress_bar(total: int, enabled: bool):
+  """One rate only: ours (captioned images and tokens per second, in the postfix), not tqdm's own it/s."""
   from tqdm import tqdm
 
-  return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+  return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")

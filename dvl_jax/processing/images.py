@@ -21,7 +21,7 @@ import urllib.request
 from typing import Any, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -50,10 +50,15 @@ def _describe(src: Any) -> str:
 
 
 def _open_bytes(data: bytes, name: str, max_pixels: int) -> Image.Image:
+  if not data:
+    raise ImageError(f"Cannot read image {name}: the file is empty (0 bytes).")
   try:
     image = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as e:
     raise ImageError(f"Refusing image {name}: {e}") from e
+  except UnidentifiedImageError as e:  # its own message names an anonymous BytesIO, not the file
+    raise ImageError(f"Cannot read image {name}: not an image file, or in a format Pillow cannot read "
+                     f"(starts with {data[:8]!r}).") from e
   except (OSError, SyntaxError, ValueError) as e:
     raise ImageError(f"Cannot read image {name}: not a readable image file ({e}).") from e
   w, h = image.size

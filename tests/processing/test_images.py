@@ -134,8 +134,13 @@ def test_missing_file_is_named(tmp_path):
 def test_corrupt_and_non_image_files_are_named(tmp_path):
   text = tmp_path / "notes.txt"
   text.write_text("not an image")
-  with pytest.raises(ImageError, match=r"notes\.txt.*not a readable image"):
+  with pytest.raises(ImageError, match=r"notes\.txt.*not an image file") as err:
     load_image(str(text))
+  assert "BytesIO" not in str(err.value)
+  empty = tmp_path / "empty.png"
+  empty.write_bytes(b"")
+  with pytest.raises(ImageError, match=r"empty\.png.*the file is empty \(0 bytes\)"):
+    load_image(str(empty))
   truncated = tmp_path / "cut.jpg"
   truncated.write_bytes(open(os.path.join(DATA, "monday.jpg"), "rb").read()[:5000])
   with pytest.raises(ImageError, match=r"cut\.jpg.*truncated or corrupt"):
