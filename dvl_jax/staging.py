@@ -15,6 +15,7 @@ import contextlib
 import glob
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from typing import Callable, Iterator
@@ -66,7 +67,8 @@ def staged_directory(dst: str | os.PathLike, *, overwrite: bool = False,
   parent, name = os.path.split(dst)
   os.makedirs(parent, exist_ok=True)
   remove_stale_partials(dst, log)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
+  tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+  os.mkdir(tmp)  # not tempfile.mkdtemp: that one is private (0700), and it becomes the user's directory
   try:
     yield tmp
     check_destination(dst, overwrite=overwrite)  # someone may have written there meanwhile

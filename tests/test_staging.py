@@ -22,6 +22,9 @@ def test_success_replaces_and_failure_keeps(tmp_path):
   with staged_directory(dst, overwrite=True, log=lambda _: None) as tmp:
     open(os.path.join(tmp, "new.txt"), "w").write("new")
   assert os.listdir(dst) == ["new.txt"] and os.listdir(tmp_path) == ["out"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(dst).st_mode & 0o777 == 0o777 & ~umask  # as os.mkdir makes it, not private like a temp dir
 
 
 def test_non_empty_destination_needs_overwrite(tmp_path):
