@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     if not sources.items:
       raise ValueError(f"No images found in {args.images} ({len(sources.skipped)} file(s) without an image "
                        "extension skipped).")
+    out = os.path.realpath(args.out)
+    if out in {os.path.realpath(p) for p in args.images} or any(item.image == out for item in sources.items):
+      raise ValueError(f"--out {args.out!r} is one of the inputs; choose a new file for the results.")
     results = ResultFile(args.out)
     if args.compilation_cache:
       dvl_jax.enable_compilation_cache(args.compilation_cache)

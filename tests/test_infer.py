@@ -207,6 +207,20 @@ def test_bad_arguments_fail_before_any_work(tiny, tmp_path, capsys):
     assert exit_.value.code == 2
     assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "a.jsonl").exists()
+  # A user's file passed as --out by mistake is refused, not truncated or appended to.
+  photo = tmp_path / "photo.jpg"
+  shutil.copy(os.path.join(DATA, "monday.jpg"), photo)
+  manifest = tmp_path / "rows.jsonl"
+  manifest.write_text(json.dumps({"image": image, "prompt": "Describe it."}) + "\n")
+  other = tmp_path / "other.jsonl"
+  other.write_text('{"id": 1}\n{"id": 2, "cut')
+  for images, out, message in [(photo, photo, "is one of the inputs"), (manifest, manifest, "is one of the inputs"),
+                               (image, photo, "not a result line of infer.py"),
+                               (image, other, "not a result line of infer.py")]:
+    before = out.read_bytes()
+    assert infer.main([str(a) for a in ["--ckpt", ckpt, "--images", images, "--out", out]]) == 2
+    assert re.search(message, capsys.readouterr().err), message
+    assert out.read_bytes() == before
   kept = tmp_path / "kept.jsonl"
   kept.write_text("")
   assert infer.main([str(a) for a in ["--ckpt", tmp_path / "missing", "--images", image, "--out", kept]]) == 2

@@ -30,21 +30,27 @@ class ResultFile:
     self._repair_and_read()
 
   def _repair_and_read(self) -> None:
+    """Reads the lines; a last line cut short by a crash is dropped, but only once every other line has proved
+    this file to be ours (a user's image or manifest passed as --out is refused, never truncated)."""
     with open(self.path, "rb") as f:
       data = f.read()
-    if data and not data.endswith(b"\n"):  # the last write was cut short: drop its partial line
-      keep = data.rfind(b"\n") + 1
-      os.ftruncate(self._fd, keep)
-      data = data[:keep]
-    for number, line in enumerate(data.splitlines(), 1):
+    keep = data.rfind(b"\n") + 1
+    for number, line in enumerate(data[:keep].splitlines(), 1):
       if not line.strip():
         continue
       try:
         row = json.loads(line)
-        self.done[(row["image"], row["prompt"])] = row.get("error")  # a later line replaces an earlier one
-      except (json.JSONDecodeError, KeyError, TypeError):
+        if not {"image", "prompt", "caption", "error"} <= row.keys():
+          raise KeyError
+        self.done[(row["image"], row["prompt"])] = row["error"]  # a later line replaces an earlier one
+      except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{self.path}:{number} is not a result line of infer.py ({line[:80]!r}); pass a new --out "
                          "or fix the file.") from None
+    if keep < len(data):  # the last write was cut short
+      if not data[keep:].startswith(b'{"image": '):
+        raise ValueError(f"{self.path} ends with {data[keep:keep + 40]!r}, not a result line of infer.py; pass a "
+                         "new --out.")
+      os.ftruncate(self._fd, keep)
 
   def write(self, records: Iterable[dict[str, Any]]) -> None:
     """Appends whole lines in one write and syncs them to disk: a crash leaves no half record behind (and if
