@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -50,12 +51,24 @@ def to_jax_in_place(tree: dict[str, Any]) -> dict[str, Any]:
   return tree
 
 
+def require_directory(path: str, what: str) -> None:
+  """Raises FileNotFoundError when `path` is not a directory, saying how to get a Hub checkpoint when `path`
+  looks like a Hub id (owner/name): dvl_jax reads converted checkpoints and downloads nothing."""
+  if os.path.isdir(path):
+    return
+  hint = ""
+  if not os.path.exists(path) and re.fullmatch(r"\w[\w.-]*/[\w.-]+", path):
+    hint = (f" If {path!r} is a Hugging Face Hub id: dvl_jax does not download from the Hub. Download it with "
+            f"`hf download {path} --local-dir DIR` (`huggingface-cli download` in older huggingface_hub), convert it "
+            "with `python convert/torch_to_orbax.py --src DIR --dst CKPT`, then pass the directory CKPT.")
+  raise FileNotFoundError(f"No {what} directory at {path!r}.{hint}")
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
   """Reads the ModelConfig of a converted checkpoint, with a helpful error when `path` is not one."""
   path = os.fspath(path)
   file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"No checkpoint directory at {path!r}.")
+  require_directory(path, "checkpoint")
   if not os.path.isfile(file):
     hint = (" It looks like a PyTorch/transformers checkpoint: convert it first with "
             f"`python convert/torch_to_orbax.py --src {path} --dst OUT_DIR`."

@@ -75,11 +75,39 @@ def _concrete(x: Any) -> np.ndarray | None:
 
 @dataclasses.dataclass
 class GenerationOutput:
-  """tokens: int32 [B, max_new_tokens], each row's new tokens then `pad_token_id`; lengths: int32 [B], the new
-  tokens per row (its EOS included)."""
+  """What `Model.generate` returns: the new tokens of each row, never the prompt.
+
+  Attributes:
+    tokens: int32 [B, max_new_tokens], each row's new tokens then `pad_token_id`.
+    lengths: int32 [B], the new tokens per row (its EOS included).
+
+  `out[i]` is row i's new tokens cut at its length, and iterating gives each row so, hence
+  `processor.batch_decode(out)` and `processor.decode(out[0])` work as with transformers. transformers' generate
+  returns the prompt and then the new tokens, for DeepSeek-VL too (the processor passes input_ids); `sequences`
+  here is only what follows the prompt, transformers' `output[:, inputs["input_ids"].shape[1]:]`.
+  """
 
   tokens: np.ndarray
   lengths: np.ndarray
+
+  @property
+  def sequences(self) -> np.ndarray:
+    """The new tokens int32 [B, max_new_tokens], as `tokens` (transformers' name; there it includes the prompt)."""
+    return self.tokens
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+  def __getitem__(self, row: int) -> np.ndarray:
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+      raise TypeError(f"GenerationOutput[{row!r}]: index it by row, out[i] (row i's new tokens, cut at its length). "
+                      "For the padded [B, max_new_tokens] array use out.tokens or out.sequences (out.lengths the lengths); "
+                      "for text, "
+                      "processor.batch_decode(out).")
+    return self.tokens[row, :self.lengths[row]]
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    return (self[i] for i in range(len(self)))
 
 
 class Model:
@@ -109,6 +137,11 @@ class Model:
                            static_argnames=gen_static)
     self._decode_step = jax.jit(functools.partial(generate.decode_step, self.module), donate_argnames=("state",),
                                 static_argnames=gen_static)
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Model:
+    """`load(path, **kwargs)` under transformers' name: a converted checkpoint directory, not a Hub id."""
+    return load(path, **kwargs)
 
   def _run(self, fn, *args, **kwargs):
     """Calls a jitted function with the plan active, so activations are laid out by its rules."""

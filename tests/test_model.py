@@ -28,6 +28,44 @@ def test_load_explains_what_is_not_a_checkpoint(tmp_path, converted):
     dvl_jax.load(src)
 
 
+def test_load_of_a_hub_id_says_how_to_download_and_convert(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # so that no local folder of that name exists
+  with pytest.raises(FileNotFoundError, match=r"(?s)No checkpoint directory at 'deepseek-community/deepseek-vl-1.3b-chat'"
+                     r".*does not download from the Hub.*`hf download deepseek-community/deepseek-vl-1.3b-chat "
+                     r"--local-dir DIR`.*`python convert/torch_to_orbax.py --src DIR --dst CKPT`"):
+    dvl_jax.load("deepseek-community/deepseek-vl-1.3b-chat")
+  (tmp_path / "owner").mkdir()
+  (tmp_path / "owner" / "name").write_text("a file, not a checkpoint")  # exists: a local path, not a Hub id
+  with pytest.raises(FileNotFoundError, match="No checkpoint directory") as err:
+    dvl_jax.load("owner/name")
+  assert "Hub" not in str(err.value)
+  with pytest.raises(FileNotFoundError, match="does not download from the Hub"):
+    dvl_jax.Model.from_pretrained("deepseek-community/deepseek-vl-1.3b-chat")
+
+
+def test_from_pretrained_is_load(converted):
+  ref, _, dst = converted
+  model = dvl_jax.Model.from_pretrained(dst, dtype="bfloat16")
+  assert model.config.dtype == "bfloat16"
+  ids, mask, pixels = random_inputs(ref, [1])
+  assert max_rel_err(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).astype(np.float32),
+                     hf_logits(ref, ids, mask, pixels, [1]), mask) < 5e-2  # bfloat16
+
+
+def test_generation_output_rows_are_cut_at_their_lengths():
+  tokens = np.array([[11, 12, 13, 0, 0], [21, 0, 0, 0, 0], [31, 32, 33, 34, 35]], np.int32)  # pad id 0
+  out = dvl_jax.GenerationOutput(tokens=tokens, lengths=np.array([3, 1, 5], np.int32))
+  assert len(out) == 3 and out.sequences is out.tokens
+  rows = [tokens[i, :n] for i, n in enumerate(out.lengths)]
+  for got, want in zip(out, rows, strict=True):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(out[np.int64(2)], rows[2])
+  np.testing.assert_array_equal(out[-2], rows[1])
+  for key in ("sequences", slice(0, 2), (0, 1)):
+    with pytest.raises(TypeError, match=r"index it by row, out\[i\].*out.tokens.*processor.batch_decode\(out\)"):
+      out[key]  # pylint: disable=pointless-statement
+
+
 def test_load_refuses_params_that_disagree_with_the_config(tmp_path, converted):
   ref, _, dst = converted
   small = dvl_jax.load(dst).config

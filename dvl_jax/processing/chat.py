@@ -25,13 +25,60 @@ def is_original_format(messages: list[Message]) -> bool:
 
 
 def _items(message: Message) -> list[dict[str, Any]]:
-  content = message.get("content", "")
-  if isinstance(content, str):
-    return [{"type": "text", "text": content}]
-  if not isinstance(content, list) or not all(isinstance(c, dict) and "type" in c for c in content):
-    raise ValueError(f"A message's content must be a string or a list of {{'type': 'text'|'image', ...}} items; "
-                     f"got {content!r:.200}.")
-  return content
+  content = message["content"]
+  return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def _is_item(item: Any) -> bool:
+  """A -hf content item: {"type": "image", ...} or {"type": "text", "text": str}."""
+  return isinstance(item, dict) and (item.get("type") == "image" or
+                                     item.get("type") == "text" and isinstance(item.get("text", ""), str))
+
+
+def conversations(conversation: Any) -> tuple[list[list[Message]], bool]:
+  """One conversation (a list of message dicts) or a batch (a list of them) -> (the batch, whether it was one),
+  every message checked by `check_messages`."""
+  if isinstance(conversation, dict):
+    raise TypeError("A conversation is a list of message dicts, not one dict: pass [message] "
+                    f"(got the message {conversation!r:.120}); a batch is a list of such lists.")
+  if isinstance(conversation, str):
+    raise TypeError("apply_chat_template takes messages ([{'role': 'user', 'content': ...}, ...]), not a prompt "
+                    "string; to tokenise a prompt string, call the processor: processor(text, images).")
+  if not isinstance(conversation, (list, tuple)):
+    raise TypeError("A conversation is a list of message dicts ({'role': ..., 'content': ...}), and a batch a list "
+                    f"of conversations; got {type(conversation).__name__}.")
+  batched = bool(conversation) and all(isinstance(c, (list, tuple)) for c in conversation)
+  batch = [list(c) for c in conversation] if batched else [list(conversation)]
+  for b, messages in enumerate(batch):
+    check_messages(messages, f"Conversation {b}, " if batched else "")
+  return batch, batched
+
+
+def check_messages(messages: Any, where: str = "") -> None:
+  """Raises a TypeError or ValueError that names the message when `messages` is not a list of
+  {"role": str, "content": str | [{"type": "text"|"image", ...}, ...]} dicts."""
+  if not isinstance(messages, list):
+    raise TypeError(f"A conversation is a list of message dicts ({{'role': ..., 'content': ...}}); got "
+                    f"{type(messages).__name__}.")
+  for i, message in enumerate(messages):
+    at = f"{where}message {i}" if where else f"Message {i}"
+    if not isinstance(message, dict):
+      hint = " (a batch is a list of conversations, each a list of messages)" if isinstance(message, list) else ""
+      raise TypeError(f"{at} is a {type(message).__name__}; expected a dict {{'role': ..., 'content': ...}}{hint}.")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+      raise ValueError(f"{at} needs a 'role' string: 'user', 'assistant' or 'system' ('User'/'Assistant' in the "
+                       f"original format); got {role!r} in {message!r:.120}.")
+    if "content" not in message:
+      raise ValueError(f"{at} ({role}) has no 'content': expected a string or a list of "
+                       "{'type': 'text'|'image', ...} items.")
+    content = message["content"]
+    if not (isinstance(content, str) or isinstance(content, list) and all(map(_is_item, content))):
+      raise ValueError(f"{at} ({role}): content must be a string or a list of {{'type': 'text', 'text': str}} and "
+                       f"{{'type': 'image', 'image'|'url'|'path': ...}} items; got {content!r:.200}.")
+    if "images" in message and not isinstance(message["images"], (list, tuple)):
+      raise TypeError(f"{at} ({role}): 'images' is a list of images, one per <image_placeholder>; got "
+                      f"{type(message['images']).__name__} {message['images']!r:.80}. Write 'images': [image].")
 
 
 def render_hf(messages: list[Message], image_token: str, eos_token: str, add_generation_prompt: bool) -> str:
@@ -51,13 +98,11 @@ def render_hf(messages: list[Message], image_token: str, eos_token: str, add_gen
     for j, item in enumerate(items):
       if item["type"] == "image":
         out.append(image_token)
-      elif item["type"] == "text":
+      else:
         text = item.get("text", "")
         text = text.lstrip() if j == 0 else text
         text = text.rstrip() if j == len(items) - 1 else text
         out.append(" " + text if j > 0 and items[j - 1]["type"] == "text" else text)
-      else:
-        raise ValueError(f"Unknown content type {item['type']!r}; expected 'text' or 'image'.")
     if not last or add_generation_prompt:
       out.append(USER_SEP if role.lower() == "user" else eos_token)
   if add_generation_prompt:
@@ -102,8 +147,7 @@ def message_images(messages: list[Message]) -> list[Any]:
 
 
 def render(messages: list[Message], image_token: str, eos_token: str, add_generation_prompt: bool = True) -> str:
-  if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-    raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts; got {type(messages).__name__}.")
+  check_messages(messages)
   if is_original_format(messages):
     return render_original(messages, eos_token, add_generation_prompt)
   return render_hf(messages, image_token, eos_token, add_generation_prompt)

@@ -3,7 +3,10 @@
   processor = dvl_jax.Processor.from_pretrained("ckpt/deepseek-vl-1.3b-chat")
   inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
   logits = model(**inputs)
-  texts = processor.batch_decode(new_token_ids, skip_special_tokens=True)
+  texts = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+
+Arrays are numpy (return_tensors="np", the default) or jax ("jax"); a batch is always left-padded to its
+longest prompt.
 """
 
 from __future__ import annotations
@@ -14,11 +17,30 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dvl_jax.checkpoint import require_directory
 from dvl_jax.processing import chat
 from dvl_jax.processing.images import ImageConfig, ImageInput, preprocess
 from dvl_jax.processing.tokenizer import Tokenizer
 
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _check_return_options(return_tensors: Any, padding: Any) -> None:
+  if return_tensors not in (None, "np", "jax"):
+    raise ValueError(f"return_tensors={return_tensors!r} is not supported: dvl_jax returns numpy arrays "
+                     "(return_tensors='np', the default) or jax arrays ('jax'), which its JAX model takes; use one "
+                     "of those.")
+  if padding not in (True, "longest"):
+    raise ValueError(f"padding={padding!r} is not supported: dvl_jax always left-pads a batch to its longest prompt, "
+                     "as the model expects; pass padding=True or 'longest', or leave it out.")
+
+
+def _as_tensors(out: dict[str, np.ndarray], return_tensors: str | None) -> dict[str, Any]:
+  if return_tensors != "jax":
+    return out
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  return {k: jnp.asarray(v) for k, v in out.items()}
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -103,8 +125,7 @@ class Processor:
     image_overrides: ImageConfig fields to change, e.g. rounding="floor" to resize like the original repo.
     """
     path = os.fspath(path)
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"No processor directory at {path!r}.")
+    require_directory(path, "processor")
     tokenizer = Tokenizer(path)
     proc = _read_json(os.path.join(path, "processor_config.json"))
     image_dict = proc.get("image_processor") or _read_json(os.path.join(path, "preprocessor_config.json"))
@@ -123,17 +144,21 @@ class Processor:
     return cls(tokenizer, config, num_image_tokens=int(num_tokens or 576), max_length=int(max_length))
 
   # ----- text and images -> arrays -----
-  def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+  def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None, *,
+               return_tensors: str | None = None, padding: bool | str = True) -> dict[str, Any]:
     """Tokenises prompts whose `<image_placeholder>`s stand for `images`, and preprocesses the images.
 
     Args:
       text: a prompt or a batch of prompts.
       images: for one prompt, a list of images; for a batch, one list per prompt (empty for none).
+      return_tensors: "np" (or None) for numpy arrays, "jax" for jax arrays; anything else ("pt") is refused.
+      padding: True or "longest", what dvl_jax always does (accepted for transformers habits).
     Returns:
-      dict of numpy arrays: input_ids, attention_mask [B, T] (left-padded); when any row has images,
+      dict of arrays: input_ids, attention_mask [B, T] (left-padded); when any row has images,
       pixel_values [B, N, S, S, 3] (N the most images in a row, unused slots zero), image_mask bool [B, N]
       and, for the hybrid model, high_res_pixel_values [B, N, S', S', 3].
     """
+    _check_return_options(return_tensors, padding)
     batched = not isinstance(text, str)
     texts = list(text) if batched else [text]
     if images is None:
@@ -148,7 +173,7 @@ class Processor:
     out = self.pad(ids)
     if any(per_row):
       out.update(self._images(per_row))
-    return out
+    return _as_tensors(out, return_tensors)
 
   def encode(self, text: str, num_images: int) -> list[int]:
     """One prompt with `num_images` placeholders -> its token ids, each placeholder expanded."""
@@ -199,26 +224,46 @@ class Processor:
 
   # ----- conversations -----
   def apply_chat_template(self, conversation: list[dict] | list[list[dict]], add_generation_prompt: bool = True,
-                          tokenize: bool = False, return_dict: bool = False) -> Any:
+                          tokenize: bool = False, return_dict: bool = False, return_tensors: str | None = None,
+                          padding: bool | str = True, processor_kwargs: dict[str, Any] | None = None) -> Any:
     """Renders one conversation or a batch in the DeepSeek template (either message format).
 
-    Returns the prompt string(s); with tokenize=True the input ids (a list per conversation, or
-    `[[...]]`-shaped like transformers); with return_dict=True too, the full model inputs of `__call__`, the
-    images taken from the messages.
+    Unlike transformers, add_generation_prompt defaults to True: the prompt ends with "Assistant:".
+
+    Args:
+      conversation: a list of {"role", "content"} message dicts, or a batch: a list of such lists.
+      tokenize: return token ids rather than the prompt string(s).
+      return_dict: with tokenize, return the full model inputs of `__call__`, the images taken from the messages.
+      return_tensors: with tokenize, "np" or "jax" for arrays (the ids [B, T] left-padded, as transformers returns
+        them with padding=True); None for ids as lists (unpadded, one per conversation) and numpy arrays in the
+        dict. "pt" is refused: dvl_jax returns numpy or jax arrays.
+      padding: True or "longest" (what dvl_jax always does); processor_kwargs: {"padding", "return_tensors"},
+        the way transformers 5 passes them.
     """
-    batched = bool(conversation) and isinstance(conversation[0], list)
-    conversations = conversation if batched else [conversation]
+    if processor_kwargs:
+      unknown = sorted(set(processor_kwargs) - {"padding", "return_tensors"})
+      if unknown:
+        raise TypeError(f"processor_kwargs {unknown} are not supported; dvl_jax's processor takes padding and "
+                        "return_tensors.")
+      padding = processor_kwargs.get("padding", padding)
+      return_tensors = processor_kwargs.get("return_tensors", return_tensors)
+    _check_return_options(return_tensors, padding)
+    conversations, batched = chat.conversations(conversation)
     prompts = [chat.render(c, self.tokenizer.image_token, self.tokenizer.eos_token, add_generation_prompt)
                for c in conversations]
     if not tokenize:
       return prompts if batched else prompts[0]
-    out = self(prompts, [chat.message_images(c) for c in conversations])
+    out = self(prompts, [chat.message_images(c) for c in conversations], return_tensors=return_tensors)
     if return_dict:
       return out
+    if return_tensors is not None:
+      return out["input_ids"]
     return [row[m.astype(bool)].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
 
   # ----- ids -> text -----
   def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+    """Rows of ids -> texts. `sequences` may be `model.generate`'s GenerationOutput: its rows are the new tokens,
+    each cut at its length (transformers' output also holds the prompt; ours does not)."""
     return self.tokenizer.batch_decode(sequences, skip_special_tokens)
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -12,6 +12,8 @@ import os
 import re
 from typing import Any, Sequence
 
+import numpy as np
+
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 IMAGE_TOKEN = "<image_placeholder>"
@@ -122,6 +124,10 @@ class Tokenizer:
     return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    ids = list(ids)
+    if any(np.ndim(i) for i in ids):
+      raise TypeError("decode takes one sequence of token ids; got a sequence of sequences. For a batch [B, T] or "
+                      "a GenerationOutput, use batch_decode.")
     ids = [int(i) for i in ids]
     if skip_special_tokens:
       ids = [i for i in ids if i not in self._special_ids]

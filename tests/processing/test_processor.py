@@ -122,6 +122,90 @@ def test_hybrid_processor_equals_transformers(tmp_path):
     assert np.abs(got[key][got["image_mask"]] - expected[key].transpose(0, 2, 3, 1)).max() < 1e-3, key
 
 
+# ----- transformers' calling habits -----
+
+@pytest.mark.parametrize("name", ["one_conversation", "batch"])
+def test_return_tensors_np_and_jax_equal_transformers(processors, name):
+  import jax
+
+  ref, ours = processors
+  conversation = (CONVERSATIONS["one_image"] if name == "one_conversation" else
+                  [CONVERSATIONS["two_images"], CONVERSATIONS["no_image"]])
+  expected = ref.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, padding=True,
+                                     return_tensors="np")  # ids [B, T]: [1, T] for one conversation
+  ids = ours.apply_chat_template(conversation, tokenize=True, padding=True, return_tensors="np")
+  assert isinstance(ids, np.ndarray)
+  np.testing.assert_array_equal(ids, expected)
+  as_jax = ours.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_tensors="jax",
+                                    padding="longest")
+  assert isinstance(as_jax, jax.Array)
+  np.testing.assert_array_equal(np.asarray(as_jax), expected)
+  inputs = ours.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="jax",
+                                    processor_kwargs={"padding": True})  # transformers 5 passes padding so
+  assert all(isinstance(v, jax.Array) for v in inputs.values()), {k: type(v) for k, v in inputs.items()}
+  expected = _hf_inputs(ref, conversation)
+  np.testing.assert_array_equal(np.asarray(inputs["input_ids"]), expected["input_ids"])
+  np.testing.assert_array_equal(np.asarray(inputs["attention_mask"]), expected["attention_mask"])
+  flat = np.asarray(inputs["pixel_values"])[np.asarray(inputs["image_mask"])]
+  assert np.abs(flat - expected["pixel_values"].transpose(0, 2, 3, 1)).max() < 1e-3
+
+
+def test_torch_tensors_and_other_paddings_are_refused(processors):
+  _, ours = processors
+  conversation = CONVERSATIONS["one_image"]
+  for call in (lambda: ours.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt"),
+               lambda: ours(f"{IMAGE} a dog", [DOG], return_tensors="pt")):
+    with pytest.raises(ValueError, match=r"return_tensors='pt' is not supported: dvl_jax returns numpy arrays.*jax"):
+      call()
+  with pytest.raises(ValueError, match=r"padding='max_length' is not supported.*longest prompt"):
+    ours.apply_chat_template(conversation, tokenize=True, padding="max_length")
+  with pytest.raises(TypeError, match=r"processor_kwargs \['truncation'\] are not supported"):
+    ours.apply_chat_template(conversation, tokenize=True, processor_kwargs={"truncation": True})
+
+
+MALFORMED = {
+    "one_message_dict": (CONVERSATIONS["no_image"][0], TypeError, r"list of message dicts, not one dict: pass \[message\]"),
+    "prompt_string": ("What is a dog?", TypeError, r"not a prompt string.*processor\(text, images\)"),
+    "batch_mixed_with_message": ([CONVERSATIONS["no_image"][0], CONVERSATIONS["no_image"]], TypeError,
+                                 r"Message 1 is a list.*a batch is a list of conversations"),
+    "no_role": ([{"content": "Hi"}], ValueError, r"Message 0 needs a 'role' string.*got None"),
+    "no_content": ([user("Hi"), {"role": "assistant"}], ValueError, r"Message 1 \(assistant\) has no 'content'"),
+    "content_number": ([{"role": "user", "content": 3}], ValueError, r"Message 0 \(user\): content must be a string"),
+    "content_list_of_strings": ([{"role": "user", "content": ["Hi"]}], ValueError, r"content must be a string or a list"),
+    "unknown_item_type": ([{"role": "user", "content": [{"type": "video", "path": "a.mp4"}]}], ValueError,
+                          r"content must be .*got \[\{'type': 'video'"),
+    "batch_no_role": ([CONVERSATIONS["no_image"], [{"role": "", "content": "Hi"}]], ValueError,
+                      r"Conversation 1, message 0 needs a 'role'"),
+    "original_images_string": ([{"role": "User", "content": f"{IMAGE}Hi", "images": DOG}], TypeError,
+                               r"'images' is a list of images.*got str"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_conversations_name_the_problem(processors, name):
+  _, ours = processors
+  conversation, error, match = MALFORMED[name]
+  with pytest.raises(error, match=match):
+    ours.apply_chat_template(conversation, tokenize=True, return_dict=True)
+
+
+def test_processor_from_a_hub_id_says_how_to_download_and_convert(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # so that no local folder of that name exists
+  with pytest.raises(FileNotFoundError, match=r"(?s)No processor directory at 'deepseek-community/deepseek-vl-1.3b-chat'"
+                     r".*does not download from the Hub.*`hf download deepseek-community/deepseek-vl-1.3b-chat "
+                     r"--local-dir DIR`.*`python convert/torch_to_orbax.py --src DIR --dst CKPT`"):
+    Processor.from_pretrained("deepseek-community/deepseek-vl-1.3b-chat")
+  with pytest.raises(FileNotFoundError, match="No processor directory") as err:
+    Processor.from_pretrained(tmp_path / "missing")  # an absolute path is no Hub id
+  assert "Hub" not in str(err.value)
+
+
+def test_decode_refuses_a_batch(processors):
+  _, ours = processors
+  with pytest.raises(TypeError, match="use batch_decode"):
+    ours.decode(np.zeros((2, 3), np.int32))
+
+
 # ----- bad input -----
 
 def test_placeholder_and_image_counts_must_agree(processors):
@@ -196,3 +280,26 @@ def test_original_checkpoint_processor_configs(tmp_path):
   assert (cfg.high_res_size, cfg.size, cfg.resample, cfg.image_mean) == (1024, 384, 2, (0.5, 0.5, 0.5))
   assert cfg.high_res_background == (122, 116, 104) and processor.num_image_tokens == 576
   assert processor.max_length == model.text.max_position_embeddings
+
+
+@pytest.mark.slow
+def test_generate_then_batch_decode_equals_transformers(tmp_path):
+  """transformers users write `processor.batch_decode(model.generate(**inputs))`: with our GenerationOutput it
+  decodes each row's new tokens, the text transformers' output holds after the prompt."""
+  from reference import hf_model_for_processor
+
+  ref_proc = hf_processor(str(tmp_path / "hf"), num_image_tokens=16, size=32)
+  model = hf_model_for_processor(ref_proc, str(tmp_path / "hf"))
+  convert_checkpoint(tmp_path / "hf", tmp_path / "dvl", log=lambda *_: None)
+  ours_proc, ours = Processor.from_pretrained(tmp_path / "dvl"), dvl_jax.load(tmp_path / "dvl")
+  batch = [CONVERSATIONS["one_image"], CONVERSATIONS["no_image"]]
+  out = ours.generate(**ours_proc.apply_chat_template(batch, tokenize=True, return_dict=True), max_new_tokens=6)
+  ref_inputs = ref_proc.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            padding=True, return_tensors="pt")
+  with torch.no_grad():
+    ref_out = model.generate(**ref_inputs, max_new_tokens=6, do_sample=False)
+  new = ref_out[:, ref_inputs["input_ids"].shape[1]:]
+  texts = ours_proc.batch_decode(out)
+  assert texts == ref_proc.batch_decode(new, skip_special_tokens=True) and any(texts), texts
+  assert ours_proc.decode(out[1]) == ref_proc.decode(new[1], skip_special_tokens=True)
+  np.testing.assert_array_equal(out.sequences[:, :new.shape[1]], new.numpy())
