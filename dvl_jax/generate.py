@@ -28,6 +28,7 @@ class DecodeState:
     done: bool [B], rows that produced an EOS.
     lengths: int32 [B], new tokens per row, its EOS included.
     seen: bool [B, V] tokens in each sequence (prompt included), for the repetition penalty; [B, 1] if unused.
+      V is the logits' width: the plan's padded vocabulary, whose padded ids are never seen.
     rng: the PRNG key.
   """
 

@@ -36,36 +36,72 @@ def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def _boxed_abstract_params(config: ModelConfig) -> Any:
+def _boxed_abstract_params(config: ModelConfig, padded_vocab_size: int | None = None) -> Any:
   """The params' ShapeDtypeStructs boxed with their logical axis names (nn.Partitioned)."""
-  module = DeepseekVL(config)
+  module = DeepseekVL(config, padded_vocab_size)
   return jax.eval_shape(lambda: module.init(jax.random.key(0), *_dummy_inputs(config))["params"])
 
 
+def _vocab_rows(config: ModelConfig, plan: ShardingPlan) -> int | None:
+  """The decoder's vocabulary rows under `plan` (ShardingPlan.padded_vocab_size), None where it pads none."""
+  rows = plan.padded_vocab_size(config.text.vocab_size)
+  return None if rows == config.text.vocab_size else rows
+
+
 def param_shardings(config: ModelConfig, plan: ShardingPlan) -> Any:
-  """Where each param lives under `plan`: a tree of NamedShardings, checked against the mesh."""
-  return plan.param_shardings(_boxed_abstract_params(config))
+  """Where each param of a `Model` lives under `plan` (its vocabulary rows padded, if the plan pads them): a
+  tree of NamedShardings, checked against the mesh."""
+  return plan.param_shardings(_boxed_abstract_params(config, _vocab_rows(config, plan)))
 
 
 def abstract_params(config: ModelConfig, plan: ShardingPlan | None = None) -> Any:
-  """The params' ShapeDtypeStructs, with no memory allocated (jax.eval_shape of init); with a plan, each
-  carries its sharding (a restore target)."""
+  """The params' ShapeDtypeStructs at the checkpoint's shapes (the real vocabulary), with no memory allocated
+  (jax.eval_shape of init); with a plan, each carries its sharding (a restore target): its sharding in the
+  model, except a vocabulary the plan pads, whose rows are kept whole until `Model` pads them."""
   shapes = nn.meta.unbox(_boxed_abstract_params(config))
   if plan is None:
     return shapes
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                      param_shardings(config, plan))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.unpadded(s, x.shape)),
+                      shapes, param_shardings(config, plan))
 
 
 def init_params(config: ModelConfig, seed: int = 0, plan: ShardingPlan | None = None) -> Any:
-  """Random params (normal(0.02) weights, unit norms), as a plain nested dict of arrays; with a plan, each
-  created directly in its shards (no device holds more than its part)."""
+  """Random params (normal(0.02) weights, unit norms) at the checkpoint's shapes, as a plain nested dict of
+  arrays; with a plan, each created directly in its shards (no device holds more than its part), as
+  `abstract_params(config, plan)` lays them out."""
   module = DeepseekVL(config)
 
   def init():
     return nn.meta.unbox(module.init(jax.random.key(seed), *_dummy_inputs(config))["params"])
 
-  return jax.jit(init, out_shardings=None if plan is None else param_shardings(config, plan))()
+  shardings = None if plan is None else jax.tree.map(lambda x: x.sharding, abstract_params(config, plan))
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def _in_layout(config: ModelConfig, plan: ShardingPlan, params: Any) -> Any:
+  """Params at the checkpoint's shapes, or already padded for `plan` -> in their shards under `plan`, the
+  vocabulary's rows zero-padded where the plan pads them."""
+  shardings = param_shardings(config, plan)
+  rows = _vocab_rows(config, plan)
+  if rows is None:
+    return jax.device_put(params, shardings)
+
+  def one(path, x, real, padded, sharding):
+    if tuple(x.shape) == padded.shape:
+      return jax.device_put(x, sharding)
+    if tuple(x.shape) != real.shape:
+      raise ValueError(f"Param {jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; the config wants "
+                       f"{real.shape} ({padded.shape} padded for {plan}).")
+    return _zero_padder(padded.shape, sharding)(x)
+
+  return jax.tree_util.tree_map_with_path(one, params, abstract_params(config),
+                                          nn.meta.unbox(_boxed_abstract_params(config, rows)), shardings)
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_padder(shape: tuple[int, ...], sharding: Any) -> Any:
+  """A jitted function that pads an array with zeros at the end of each dimension to `shape`, in `sharding`."""
+  return jax.jit(lambda x: jnp.pad(x, [(0, s - n) for n, s in zip(x.shape, shape)]), out_shardings=sharding)
 
 
 def _concrete(x: Any) -> np.ndarray | None:
@@ -115,8 +151,12 @@ class Model:
 
   Attributes:
     config: the ModelConfig.
-    params: plain nested dict of arrays, as `DeepseekVL(config).init` lays them out.
-    module: the Flax module.
+    params: plain nested dict of arrays, as `module.init` lays them out, in their shards under `plan`. Where
+      the plan pads the vocabulary (ShardingPlan.padded_vocab_size), the embedding's and lm_head's rows from
+      `config.text.vocab_size` on are zeros: cut them (`[:config.text.vocab_size]`) before saving a checkpoint.
+      The constructor takes params at the checkpoint's shapes (or padded so) and pads them.
+    module: the Flax module (DeepseekVL, with the plan's padded vocabulary).
+    plan: the ShardingPlan.
     generation_defaults: eos_token_id / pad_token_id from the checkpoint's generation_config.json, if any.
   """
 
@@ -125,8 +165,8 @@ class Model:
     self.config = config
     self.plan = plan or ShardingPlan.single_device()
     # A no-op for params already in their shards (load, init_params with the plan); otherwise they move there.
-    self.params = jax.device_put(params, param_shardings(config, self.plan))
-    self.module = DeepseekVL(config)
+    self.params = _in_layout(config, self.plan, params)
+    self.module = DeepseekVL(config, _vocab_rows(config, self.plan))
     self.generation_defaults = dict(generation_defaults or {})
     self._forward = jax.jit(self.module.apply, donate_argnames=("cache",))
     self._init_cache = jax.jit(KVCache.init, static_argnums=(0, 1, 2, 3))
@@ -267,6 +307,8 @@ class Model:
                               x["positions"],
                               x["pixel_values"], x["high_res_pixel_values"], cache)
     logits = self._rows(logits, b)
+    if logits.shape[-1] != self.config.text.vocab_size:  # the ids the plan pads the vocabulary with
+      logits = logits[..., :self.config.text.vocab_size]
     return (logits if logits.shape[1] == t else logits[:, -t:]), cache
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None,

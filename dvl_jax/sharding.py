@@ -14,6 +14,10 @@ talks to mesh APIs.
 The image towers (SigLIP, SAM and the aligner) can use another strategy than the decoder (`vision_strategy`):
 SAM-B's 12 heads, for one, do not split 8 ways.
 
+Dimensions that do not divide over their mesh axes: the vocabulary is padded (`ShardingPlan.padded_vocab_size`,
+as vLLM and MaxText pad it to a multiple of the tensor size); any other such dimension is replicated, with an
+`UnevenShardingWarning` that names it; a batch that does not divide is refused (the model pads its batches).
+
   plan = ShardingPlan(MeshSpec(data=2, fsdp=2, tensor=2))  # or "data=2,fsdp=2,tensor=2", or a jax Mesh
   model = dvl_jax.load(path, mesh=plan)                    # params restored straight into their shards
 """
@@ -25,6 +29,7 @@ import dataclasses
 import functools
 import math
 import threading
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -40,6 +45,10 @@ BATCH_AXES = ("data", "fsdp")
 PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "conv_in", "patches", "layers")
 ACTIVATION_AXES = ("batch", "seq", "act_embed", "act_mlp", "act_heads", "act_kv_heads", "act_vocab", "cache_seq")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
+# The vocabulary's axes (the embedding's and lm_head's rows, the logits): padded rather than replicated.
+VOCAB_AXES = ("vocab", "act_vocab")
+# Axes that are never replicated in place of a split that does not divide: callers pad them.
+PADDED_BY_CALLER = ("batch",)
 
 Rules = Mapping[str, str | tuple[str, ...] | None]  # logical axis -> mesh axis, axes, or None (replicated)
 
@@ -147,6 +156,10 @@ def _rules(strategy: str | Rules, role: str) -> dict[str, tuple[str, ...]]:
   return rules
 
 
+class UnevenShardingWarning(UserWarning):
+  """A dimension does not divide over its mesh axes and is replicated instead: it works, using more memory."""
+
+
 class ShardingPlan:
   """A mesh and the rules that lay the model onto it: param shardings, activation constraints, placement.
 
@@ -179,6 +192,7 @@ class ShardingPlan:
     # How many batch slices this process's devices hold: each process feeds that many (equal) parts of rows.
     index = NamedSharding(mesh, PartitionSpec(batch or None)).addressable_devices_indices_map((self.batch_shards,))
     self.local_batch_shards = len({idx[0].start for idx in index.values()})
+    self._warned: set[tuple] = set()
 
   @classmethod
   def single_device(cls, device: jax.Device | None = None) -> ShardingPlan:
@@ -190,29 +204,65 @@ class ShardingPlan:
     return f"ShardingPlan(mesh=({mesh}), strategy={self.strategy!r}, vision_strategy={self.vision_strategy!r})"
 
   # ----- logical axes -> shardings -----
+  def shards(self, name: str, tower: str = "text") -> int:
+    """How many parts the `tower` rules split logical axis `name` into (1: replicated)."""
+    return _size(self.mesh, self.rules[tower].get(name, ()))
+
+  def padded_vocab_size(self, vocab_size: int) -> int:
+    """The rows the model holds its vocabulary in under this plan: `vocab_size` rounded up to a multiple of the
+    shards of the vocab axes (params' "vocab", logits' "act_vocab"); `vocab_size` itself when they divide it.
+
+    Ids from `vocab_size` on are padding: zero rows of the embedding and lm_head whose logits the decoder masks
+    (nn/llama.py), so they are never sampled nor in a loss, and `Model` cuts them from every logits output.
+    Checkpoints and configs keep the real size. No other axis is padded: `spec` replicates a dimension that
+    does not divide.
+    """
+    n = math.lcm(*(self.shards(name) for name in VOCAB_AXES))
+    return -(-vocab_size // n) * n
+
   def spec(self, axes: Sequence[str | None], shape: Sequence[int] | None = None, tower: str = "text",
            what: str = "an array") -> PartitionSpec:
-    """The PartitionSpec of logical `axes`; with `shape`, every sharded dimension must divide evenly."""
+    """The PartitionSpec of logical `axes`. With `shape`, a dimension that does not divide over its mesh axes is
+    replicated instead, with an UnevenShardingWarning (once per plan and dimension); the batch is refused."""
     rules, out, owner = self.rules[tower], [], {}
     for i, name in enumerate(axes):
       if name is not None and name not in LOGICAL_AXES:
         raise ValueError(f"{what} names logical axis {name!r}, which no rule knows; add it to "
                          "dvl_jax.sharding.LOGICAL_AXES (and to the strategies that shard it).")
       mesh_axes = rules.get(name, ()) if name else ()
+      n = _size(self.mesh, mesh_axes)
+      if shape is not None and shape[i] % n:
+        problem = (f"{what} has shape {tuple(shape)}: dimension {i} ({name!r}, size {shape[i]}) does not divide "
+                   f"over mesh axes {'x'.join(mesh_axes)} of size {n}")
+        if name in PADDED_BY_CALLER:
+          raise ValueError(f"{problem}. Pad it to a multiple of {n} (dvl_jax.Model pads its batches so).")
+        hint = ("Another vision_strategy for the image towers (e.g. 'fsdp' or 'data')" if tower == "vision" else
+                "A mesh whose size on that axis divides it, or another strategy,")
+        self._warn_once((what, i, name, shape[i]), f"{problem}, so that dimension is replicated: every device "
+                        f"holds all of it. {hint} would split it.")
+        mesh_axes = ()
       for a in mesh_axes:
         if a in owner:
           raise ValueError(f"{what}: logical axes {owner[a]!r} and {name!r} both map to mesh axis {a!r} under the "
                            f"{tower} rules; one mesh axis can shard only one dimension of an array.")
         owner[a] = name
-      if shape is not None and mesh_axes:
-        n = math.prod(self.mesh.shape[a] for a in mesh_axes)
-        if shape[i] % n:
-          hint = (" Use another vision_strategy for the image towers (e.g. 'fsdp' or 'data')." if tower == "vision"
-                  else " Choose a mesh whose size on that axis divides it, or another strategy.")
-          raise ValueError(f"{what} has shape {tuple(shape)}: dimension {i} ({name!r}, size {shape[i]}) does not "
-                           f"divide over mesh axes {'x'.join(mesh_axes)} of size {n}.{hint}")
       out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return PartitionSpec(*out)
+
+  def _warn_once(self, key: tuple, message: str) -> None:
+    # Once per plan and dimension (an activation's other dimensions, batch or length, vary from call to call):
+    # specs are recomputed at every trace, and a warnings filter set to "always" would repeat the warning.
+    if key not in self._warned:
+      self._warned.add(key)
+      warnings.warn(message, UnevenShardingWarning, stacklevel=3)
+
+  def unpadded(self, sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """`sharding`, made for a param padded to divide (the vocabulary's rows), for the param at its real `shape`:
+    the dimensions its split does not divide are kept whole. A checkpoint's vocabulary is restored so, then
+    padded (dvl_jax.model)."""
+    spec = [None if axes is not None and shape[i] % _size(self.mesh, axes) else axes
+            for i, axes in enumerate(sharding.spec)]
+    return NamedSharding(self.mesh, PartitionSpec(*spec))
 
   def sharding(self, axes: Sequence[str | None], shape: Sequence[int] | None = None, tower: str = "text",
                what: str = "an array") -> NamedSharding:
@@ -220,7 +270,8 @@ class ShardingPlan:
 
   def param_shardings(self, boxed_params: Any) -> Any:
     """Params boxed with their logical names (`jax.eval_shape` of `module.init`) -> a tree of NamedShardings.
-    Raises a ValueError listing every param whose sharding does not fit."""
+    A dimension that does not divide is replicated, with a warning; a ValueError lists every param whose
+    rules collide (two logical axes on one mesh axis)."""
     problems = []
 
     def one(path, leaf):
@@ -292,6 +343,11 @@ class ShardingPlan:
       start = (shard.index[0].start or 0) if shard.index else 0
       parts.setdefault(start, shard)
     return np.concatenate([np.asarray(parts[s].data) for s in sorted(parts)], axis=0)
+
+
+def _size(mesh: Mesh, axes: str | Sequence[str]) -> int:
+  """The number of devices along mesh axes `axes` (a name, or names; 1 for none)."""
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 @functools.lru_cache(maxsize=64)
@@ -379,7 +435,10 @@ def per_shard(fn: Callable[..., jax.Array], in_axes: Sequence[Sequence[str | Non
       with _manual():
         return fn(*full)
 
-    return jax.shard_map(body, mesh=plan.mesh, in_specs=specs, out_specs=plan.spec(out_axes, tower=which),
+    with _manual():  # the result's shape: a dimension that does not divide is replicated, as in the arguments
+      out_shape = jax.eval_shape(fn, *args).shape
+    out_spec = plan.spec(out_axes, out_shape, which, f"per_shard result {tuple(out_axes)}")
+    return jax.shard_map(body, mesh=plan.mesh, in_specs=specs, out_specs=out_spec,
                          check_vma=False)(*(args[i] for i in given))
 
   return run

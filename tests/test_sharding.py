@@ -1,6 +1,9 @@
 """dvl_jax.sharding on 8 simulated CPU devices (tests/conftest.py): meshes, rules, param and cache shardings,
 and sharded runs equal to the single-device run."""
 
+import re
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -60,19 +63,64 @@ def test_two_logical_axes_on_one_mesh_axis_are_refused():
     dvl_jax.model.param_shardings(dvl_jax.tiny(), plan)
 
 
-def test_a_dimension_that_does_not_divide_is_refused():
-  with pytest.raises(ValueError, match=r"Param \['language_model'\]\['embed_tokens'\]\['embedding'\] has shape "
-                                       r"\(256, 64\): dimension 0 \('vocab', size 256\) does not divide over mesh "
-                                       r"axes tensor of size 3"):
-    dvl_jax.model.param_shardings(dvl_jax.tiny(), ShardingPlan(make_mesh("tensor=3", jax.devices()[:3])))
-  # The decoder's 4 heads split 4 ways, SigLIP's 2 do not: the message points at vision_strategy, which fixes it.
-  config = dvl_jax.tiny().replace(text=dvl_jax.LlamaConfig(**{**dvl_jax.tiny().text.__dict__, "num_kv_heads": 4}))
-  with pytest.raises(ValueError, match=r"vision_model.*'heads', size 2\) does not divide over mesh axes tensor of "
-                                       r"size 4\. Use another vision_strategy"):
-    dvl_jax.model.param_shardings(config, ShardingPlan("data=2,tensor=4"))
-  shardings = dvl_jax.model.param_shardings(config, ShardingPlan("data=2,tensor=4", vision_strategy="data"))
+def _with_text(config, **changes):
+  return config.replace(text=dvl_jax.LlamaConfig(**{**config.text.__dict__, **changes}))
+
+
+def _uneven_warnings(record) -> list[str]:
+  return [str(w.message) for w in record if issubclass(w.category, sharding.UnevenShardingWarning)]
+
+
+def test_the_vocabulary_is_padded_to_a_multiple_of_its_shards():
+  assert ShardingPlan("data=2,fsdp=2,tensor=2").padded_vocab_size(305) == 306
+  assert ShardingPlan("tensor=8").padded_vocab_size(305) == 312
+  assert ShardingPlan("tensor=8").padded_vocab_size(32000) == 32000
+  assert ShardingPlan("fsdp=8").padded_vocab_size(305) == 305  # the vocabulary is not split: nothing to pad
+  # The params' rows over tensor (2), the logits' vocab over fsdp x tensor (4): a multiple of both.
+  rules = {**sharding.STRATEGIES["fsdp_tensor"], "act_vocab": ("fsdp", "tensor")}
+  assert ShardingPlan("data=2,fsdp=2,tensor=2", strategy=rules).padded_vocab_size(305) == 308
+  config = _with_text(dvl_jax.tiny(), vocab_size=305)
+  plan = ShardingPlan("data=2,fsdp=2,tensor=2")
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    model_layout = dvl_jax.model.param_shardings(config, plan)["language_model"]
+    target = dvl_jax.abstract_params(config, plan)["language_model"]
+  assert not _uneven_warnings(record)  # padded, so nothing is replicated
+  assert model_layout["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
+  assert model_layout["lm_head"]["kernel"].spec == P("tensor", "fsdp")
+  # A checkpoint stores the real vocabulary; it is restored with its rows whole, then padded by Model.
+  assert target["embed_tokens"]["embedding"].shape == (305, 64)
+  assert target["embed_tokens"]["embedding"].sharding.spec == P(None, "fsdp")
+
+
+def test_a_dimension_that_does_not_divide_is_replicated_with_a_warning():
+  # The decoder's 4 heads split 4 ways, SigLIP's 2 do not: they stay whole, and the warning says how to split them.
+  config = _with_text(dvl_jax.tiny(), num_kv_heads=4)
+  plan = ShardingPlan("data=2,tensor=4")
+  with pytest.warns(sharding.UnevenShardingWarning) as record:
+    shardings = dvl_jax.model.param_shardings(config, plan)
+    dvl_jax.model.param_shardings(config, plan)  # warned once per plan, not per call
+  messages = _uneven_warnings(record)
+  q = [m for m in messages if "['vision_model']['layers']['self_attn']['q_proj']['kernel']" in m]
+  assert len(q) == 1, messages
+  assert re.search(r"has shape \(2, 2, 16, 32\): dimension 1 \('heads', size 2\) does not divide over mesh axes "
+                   r"tensor of size 4, so that dimension is replicated.*Another vision_strategy", q[0]), q[0]
+  assert len(messages) == len(set(messages))
+  assert all("vision_model" in m or "aligner" in m for m in messages), messages
   assert shardings["vision_model"]["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, None, None, None)
   assert shardings["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].spec == P("tensor", None, None)
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    dvl_jax.model.param_shardings(config, ShardingPlan("data=2,tensor=4", vision_strategy="data"))
+  assert not _uneven_warnings(record)
+
+
+def test_a_batch_that_does_not_divide_is_refused():
+  # Replicating the batch would have every device compute every row; Model pads it instead.
+  plan = ShardingPlan("data=2,fsdp=2,tensor=2")
+  with pytest.raises(ValueError, match=r"A batch of 3 rows per process has shape \(3, 4\): dimension 0 \('batch', "
+                                       r"size 3\) does not divide over mesh axes dataxfsdp of size 4\. Pad it"):
+    plan.put_batch(np.zeros((3, 4), np.int32))
 
 
 def _kernel(params, *path):
@@ -215,7 +263,9 @@ def test_per_shard_runs_on_each_devices_rows():
   with plan.activate():
     out = jax.jit(run)(jax.device_put(x, plan.sharding(("batch", "act_heads"))), None)
   np.testing.assert_array_equal(out, x * 2)
-  assert seen == [((8, 6), None), ((2, 3), None)]  # 4 batch shards of 2 rows, 2 head shards of 3
+  # Traced abstractly on the whole array (the result's shape), then run on 4 batch shards of 2 rows x 2 head
+  # shards of 3.
+  assert seen == [((8, 6), None), ((8, 6), None), ((2, 3), None)]
   assert out.sharding.spec == P(("data", "fsdp"), "tensor")
 
 
@@ -238,3 +288,70 @@ def test_data_parallel_prefill_gathers_no_activations():
     hlo = jax.jit(prefill).lower(model.params, plan.put_batch(x, ("batch", None, None)), cache).compile().as_text()
   assert cache.empty
   assert "all-gather" not in hlo and "all-reduce" not in hlo
+
+
+def _assert_same_run(model, inputs, logits, generated):
+  real = inputs["attention_mask"].astype(bool)
+  got = np.asarray(model(**inputs))
+  assert got.shape == logits.shape
+  np.testing.assert_allclose(got[real], logits[real], rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+  out = model.generate(**inputs, max_new_tokens=6, repetition_penalty=1.3)
+  np.testing.assert_array_equal(out.tokens, generated.tokens)
+
+
+def _single_device_run(config, seed=1):
+  params = dvl_jax.init_params(config, seed=seed)
+  inputs = _inputs(config)
+  v = config.text.vocab_size
+  last = [i for i in range(v - 3, v) if i != config.image_token_id]  # the embedding's last rows too
+  inputs["input_ids"][:, -len(last):] = last
+  model = dvl_jax.Model(config, params)
+  return params, inputs, np.asarray(model(**inputs)), model.generate(**inputs, max_new_tokens=6,
+                                                                      repetition_penalty=1.3)
+
+
+def test_an_uneven_vocabulary_is_padded_and_equals_one_device(tmp_path):
+  config = _with_text(dvl_jax.tiny(), vocab_size=305)  # 306 rows on a 2 x 2 x 2 mesh
+  params, inputs, logits, generated = _single_device_run(config)
+  checkpoint.save(tmp_path / "ckpt", params, config)  # the real vocabulary on disk
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    model = dvl_jax.load(tmp_path / "ckpt", mesh="data=2,fsdp=2,tensor=2")
+    _assert_same_run(model, inputs, logits, generated)
+  assert not _uneven_warnings(record)
+  for name in ("embed_tokens", "lm_head"):
+    weights = next(iter(model.params["language_model"][name].values()))
+    assert weights.shape == (306, 64) and weights.sharding.spec == P("tensor", "fsdp"), name
+    np.testing.assert_array_equal(np.asarray(weights)[:305], next(iter(params["language_model"][name].values())))
+    assert not np.asarray(weights)[305:].any(), name
+
+
+@pytest.mark.filterwarnings("ignore::dvl_jax.sharding.UnevenShardingWarning")  # the tiny heads do not split 8 ways
+def test_sampling_never_picks_a_padded_id():
+  config = _with_text(dvl_jax.tiny(), vocab_size=305)
+  plan = ShardingPlan("tensor=8")  # 312 rows: 7 padded ids
+  model = dvl_jax.Model(config, dvl_jax.init_params(config, seed=2, plan=plan), plan=plan)
+  assert model.params["language_model"]["lm_head"]["kernel"].shape == (312, 64)
+  ids = np.random.default_rng(0).integers(0, 255, (3, 8)).astype(np.int32)
+  # At this temperature every real id is about equally likely: unmasked, the padded ids (whose zero rows give
+  # logit 0) would be drawn about 7 times in these 300 tokens.
+  out = model.generate(ids, max_new_tokens=100, do_sample=True, temperature=1e4, seed=3)
+  assert out.tokens.max() < 305
+  assert len(np.unique(out.tokens)) > 150  # the draws do spread over the vocabulary
+
+
+def test_a_param_dimension_that_does_not_divide_is_replicated_and_equals_one_device(monkeypatch):
+  config = _with_text(dvl_jax.tiny(), num_kv_heads=1)  # one kv head over tensor=2
+  params, inputs, logits, generated = _single_device_run(config)
+  monkeypatch.setattr(attention, "LOGITS_BUDGET", 0)  # the tiled attention too: per_shard with a head whole
+  with pytest.warns(sharding.UnevenShardingWarning) as record:
+    model = dvl_jax.Model(config, params, plan=ShardingPlan("data=2,fsdp=2,tensor=2"))
+    _assert_same_run(model, inputs, logits, generated)
+  messages = _uneven_warnings(record)
+  assert len(messages) == len(set(messages)), "each param or activation is warned about once"
+  k = [m for m in messages if m.startswith("Param ['language_model']['layers_1']['self_attn']['k_proj']['kernel']")]
+  assert len(k) == 1 and re.match(r".* has shape \(1, 16, 64\): dimension 0 \('kv_heads', size 1\) does not "
+                                  r"divide over mesh axes tensor of size 2, so that dimension is replicated", k[0])
+  assert any(m.startswith("Activation ('batch', 'act_kv_heads', 'cache_seq', 'head_dim')") for m in messages)
+  kernel = model.params["language_model"]["layers_1"]["self_attn"]["k_proj"]["kernel"]
+  assert kernel.sharding.spec == P(None, None, "fsdp")

@@ -79,20 +79,29 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaDecoder(nn.Module):
-  """Token embedding, the layers, final norm and lm_head."""
+  """Token embedding, the layers, final norm and lm_head.
+
+  Attributes:
+    padded_vocab_size: the rows of the embedding and lm_head, when a mesh needs more than `config.vocab_size`
+      (ShardingPlan.padded_vocab_size); None: `config.vocab_size`. The logits of the padded ids are masked to
+      the dtype's lowest value, so that no sampler picks them and a loss can ignore them.
+  """
 
   config: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  padded_vocab_size: int | None = None
 
   def setup(self):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=nn.with_logical_partitioning(
+    vocab = self.padded_vocab_size or cfg.vocab_size
+    assert vocab >= cfg.vocab_size, (vocab, cfg.vocab_size)
+    self.embed_tokens = nn.Embed(vocab, cfg.embed_dim, embedding_init=nn.with_logical_partitioning(
         default_init, ("vocab", "embed")), **kw)
     self.layers = [LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
     self.norm = RMSNorm(cfg.norm_eps, **kw)
-    self.lm_head = Linear((cfg.vocab_size,), ("vocab", "embed"), **kw)
+    self.lm_head = Linear((vocab,), ("vocab", "embed"), **kw)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """int [B, T] -> [B, T, D]."""
@@ -115,7 +124,7 @@ class LlamaDecoder(nn.Module):
         empty cache, only to each other, as without one).
       last_only: compute logits for the last position only (prefill before sampling): [B, 1, V].
     Returns:
-      (logits [B, T, V], the updated cache or None).
+      (logits [B, T, V], the updated cache or None); V is `padded_vocab_size` when set.
     """
     t = x.shape[1]
     new_only = cache is None or cache.empty  # the tokens attend only to each other
@@ -136,7 +145,11 @@ class LlamaDecoder(nn.Module):
         new_v.append(layer_kv[1])
     if last_only:
       x = x[:, -1:]
-    logits = self.lm_head(self.norm(x))  # [B, T, V]
+    logits = self.lm_head(self.norm(x))  # [B, T, V] (V padded, if it is)
+    if logits.shape[-1] > self.config.vocab_size:
+      # Padded ids get the lowest finite logit: never sampled; not -inf, which a loss's 0 * -inf turns to NaN.
+      real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
+      logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
     logits = constrain(logits, ("batch", "seq", "act_vocab"))
     if cache is not None:
       cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=cache_valid, end=write_index + t)

@@ -39,9 +39,13 @@ def splice_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.
 
 
 class DeepseekVL(nn.Module):
-  """The whole model, functional: `params = init(...)`, `logits, cache = apply(params, ...)`."""
+  """The whole model, functional: `params = init(...)`, `logits, cache = apply(params, ...)`.
+
+  padded_vocab_size: the decoder's vocabulary rows on a mesh that needs padding (see LlamaDecoder); None: none.
+  """
 
   config: ModelConfig
+  padded_vocab_size: int | None = None
 
   def setup(self):
     cfg = self.config
@@ -53,7 +57,7 @@ class DeepseekVL(nn.Module):
       self.aligner = HybridAligner(cfg.aligner, **kw)
     else:
       self.aligner = MlpAligner(cfg.aligner, **kw)
-    self.language_model = LlamaDecoder(cfg.text, **kw)
+    self.language_model = LlamaDecoder(cfg.text, padded_vocab_size=self.padded_vocab_size, **kw)
 
   def encode_images(self, pixel_values: jax.Array, high_res_pixel_values: jax.Array | None = None) -> jax.Array:
     """Normalised images [B, N, S, S, 3] (and, for the hybrid model, the same images at high resolution
@@ -82,7 +86,7 @@ class DeepseekVL(nn.Module):
       cache: optional KVCache (see LlamaDecoder).
       last_only: logits of the last position only, [B, 1, V].
     Returns:
-      (logits [B, T, V], cache).
+      (logits [B, T, V], cache); V is `padded_vocab_size` when set, the padded ids' logits masked.
     """
     x = self.language_model.embed(input_ids)  # [B, T, D]
     if pixel_values is not None:
