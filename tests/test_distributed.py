@@ -22,6 +22,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, mesh", [("tiny", "data=2,tensor=2"), ("tiny-hybrid", "fsdp=2,tensor=2")])
 def test_two_processes_equal_one(tmp_path, preset, mesh):
   config = dvl_jax.preset(preset)

@@ -19,6 +19,8 @@ from PIL import Image
 from dvl_jax.convert import convert_checkpoint
 from reference import DATA, hf_model_for_processor, hf_processor
 
+pytestmark = pytest.mark.slow  # each test runs infer.py on a converted model (5-15 s)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "infer.py")
 IMAGES = ["monday.jpg", "dog_a.png", "app.png", "chart.png", "logo.png"]

@@ -161,6 +161,7 @@ def test_param_and_cache_shardings_follow_the_rules():
   assert siglip_q.spec == P(None, "tensor", None, "fsdp")  # scanned: [layers, heads, head_dim, embed]
 
 
+@pytest.mark.slow
 def test_init_params_creates_each_param_in_its_shards():
   config = dvl_jax.tiny()
   plan = ShardingPlan("fsdp=4,tensor=2")
@@ -210,6 +211,7 @@ def single_device_run(request):
   return config, params, inputs, np.asarray(model(**inputs)), model.generate(**inputs, max_new_tokens=6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh, strategy", MESHES)
 def test_sharded_run_equals_single_device(single_device_run, mesh, strategy):
   config, params, inputs, logits, generated = single_device_run
@@ -310,6 +312,7 @@ def _single_device_run(config, seed=1):
                                                                       repetition_penalty=1.3)
 
 
+@pytest.mark.slow
 def test_an_uneven_vocabulary_is_padded_and_equals_one_device(tmp_path):
   config = _with_text(dvl_jax.tiny(), vocab_size=305)  # 306 rows on a 2 x 2 x 2 mesh
   params, inputs, logits, generated = _single_device_run(config)
@@ -327,6 +330,7 @@ def test_an_uneven_vocabulary_is_padded_and_equals_one_device(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::dvl_jax.sharding.UnevenShardingWarning")  # the tiny heads do not split 8 ways
+@pytest.mark.slow
 def test_sampling_never_picks_a_padded_id():
   config = _with_text(dvl_jax.tiny(), vocab_size=305)
   plan = ShardingPlan("tensor=8")  # 312 rows: 7 padded ids
@@ -340,6 +344,7 @@ def test_sampling_never_picks_a_padded_id():
   assert len(np.unique(out.tokens)) > 150  # the draws do spread over the vocabulary
 
 
+@pytest.mark.slow
 def test_a_param_dimension_that_does_not_divide_is_replicated_and_equals_one_device(monkeypatch):
   config = _with_text(dvl_jax.tiny(), num_kv_heads=1)  # one kv head over tensor=2
   params, inputs, logits, generated = _single_device_run(config)

@@ -120,6 +120,7 @@ def test_overwrite_replaces_only_when_complete(work):
   assert _siblings(good) == ["models"]  # no staging or old directory left
 
 
+@pytest.mark.slow
 def test_sigkill_midway_leaves_destination_and_no_loadable_half(work):
   good = work / "good"
   before = _snapshot(good, work / "models")
