@@ -311,3 +311,14 @@ def hf_model_for_processor(ref_proc, directory: str, seed: int = 0) -> DeepseekV
   model.generation_config.eos_token_id = model.generation_config.pad_token_id = ref_proc.tokenizer.eos_token_id
   model.save_pretrained(directory)
   return model
+
+
+def converted(ref_model, tmp_path_factory):
+  """Our model loaded from `ref_model`, saved and converted as a user's checkpoint would be."""
+  import dvl_jax
+  from dvl_jax.convert import convert_checkpoint
+
+  src, dst = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("dvl") / "ckpt"
+  ref_model.save_pretrained(src)
+  convert_checkpoint(src, dst, log=lambda *_: None)
+  return dvl_jax.load(dst)

@@ -12,7 +12,7 @@ import dvl_jax
 from dvl_jax.convert import convert_checkpoint
 from dvl_jax.generate import bucket_length
 from dvl_jax.sampling import SamplingConfig, next_tokens, top_k_mask, top_p_mask
-from reference import hf_hybrid_model, hf_model, random_inputs, to_torch_images
+from reference import converted, hf_hybrid_model, hf_model, random_inputs, to_torch_images
 
 IMAGES = [2, 0, 1]  # a left-padded batch with two, no and one image
 PAD, EOS = 1, 2
@@ -21,10 +21,7 @@ PAD, EOS = 1, 2
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
   ref = hf_model("gqa")
-  src, dst = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("dvl") / "ckpt"
-  ref.save_pretrained(src)
-  convert_checkpoint(src, dst, log=lambda *_: None)
-  return ref, dvl_jax.load(dst)
+  return ref, converted(ref, tmp_path_factory)
 
 
 def _hf_generate(ref, ids, mask, pixels, images, high=None, **kwargs):

@@ -111,6 +111,12 @@ class LlamaDecoder(nn.Module):
     table = constrain(self.embed_tokens.embedding, ("vocab", None))  # [V, D]
     return jnp.take(table, input_ids, axis=0).astype(self.dtype)  # [B, T, D]
 
+  def hidden_states(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The final normed hidden states [B, T, D] of a plain forward (no cache), before lm_head: a chunked loss
+    multiplies them by lm_head's kernel a chunk at a time (dvl_jax/training/loss.py), never holding all
+    [B, T, V] logits. Args as `__call__`."""
+    return self._layers(x, positions, attention_mask, None)[0]
+
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder over T new tokens.
@@ -126,6 +132,20 @@ class LlamaDecoder(nn.Module):
     Returns:
       (logits [B, T, V], the updated cache or None); V is `padded_vocab_size` when set.
     """
+    x, cache = self._layers(x, positions, attention_mask, cache)
+    if last_only:
+      x = x[:, -1:]
+    logits = self.lm_head(x)  # [B, T, V] (V padded, if it is)
+    if logits.shape[-1] > self.config.vocab_size:
+      # Padded ids get the lowest finite logit: never sampled; not -inf, which a loss's 0 * -inf turns to NaN.
+      real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
+      logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
+    logits = constrain(logits, ("batch", "seq", "act_vocab"))
+    return logits, cache
+
+  def _layers(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+              cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+    """The layers and the final norm: (normed hidden states [B, T, D], the updated cache or None)."""
     t = x.shape[1]
     new_only = cache is None or cache.empty  # the tokens attend only to each other
     write_index = jnp.zeros((), jnp.int32) if new_only else cache.end
@@ -143,14 +163,6 @@ class LlamaDecoder(nn.Module):
       if cache is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
-    if last_only:
-      x = x[:, -1:]
-    logits = self.lm_head(self.norm(x))  # [B, T, V] (V padded, if it is)
-    if logits.shape[-1] > self.config.vocab_size:
-      # Padded ids get the lowest finite logit: never sampled; not -inf, which a loss's 0 * -inf turns to NaN.
-      real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
-      logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
-    logits = constrain(logits, ("batch", "seq", "act_vocab"))
     if cache is not None:
       cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=cache_valid, end=write_index + t)
-    return logits, cache
+    return self.norm(x), cache

@@ -88,8 +88,22 @@ class DeepseekVL(nn.Module):
     Returns:
       (logits [B, T, V], cache); V is `padded_vocab_size` when set, the padded ids' logits masked.
     """
+    x = self.embed_inputs(input_ids, pixel_values, high_res_pixel_values)
+    return self.language_model(x, positions, attention_mask, cache, last_only)
+
+  def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                   high_res_pixel_values: jax.Array | None = None) -> jax.Array:
+    """The decoder's input embeddings [B, T, D]: token embeddings with the image features spliced in."""
     x = self.language_model.embed(input_ids)  # [B, T, D]
     if pixel_values is not None:
       feats = self.encode_images(pixel_values, high_res_pixel_values)
       x = splice_image_features(x, input_ids == self.config.image_token_id, feats)
-    return self.language_model(x, positions, attention_mask, cache, last_only)
+    return x
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
+                    pixel_values: jax.Array | None = None,
+                    high_res_pixel_values: jax.Array | None = None) -> jax.Array:
+    """The decoder's final normed hidden states [B, T, D] (before lm_head) of a forward without cache, for
+    a loss that applies lm_head itself (dvl_jax/training/loss.py). Args as `__call__`."""
+    x = self.embed_inputs(input_ids, pixel_values, high_res_pixel_values)
+    return self.language_model.hidden_states(x, positions, attention_mask)
