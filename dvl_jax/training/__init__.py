@@ -1,0 +1,20 @@
+"""Training: the loss (loss.py), the optimizer with freezing by stage (optimizer.py) and its learning-rate
+schedules (schedules.py).
+
+  hidden = module.apply({"params": params}, ids, mask, positions, pixels, method=DeepseekVL.hidden_states)
+  labels = make_labels(ids, mask, config.image_token_id, loss_mask)  # -100: not a target
+  out = cross_entropy(hidden, params["language_model"]["lm_head"]["kernel"], labels, config.text.vocab_size)
+  loss = out.mean  # or, over microbatches and devices: sum(out.sum) / sum(out.count)
+
+  optimizer = make_optimizer(paper_config("S2", total_steps=10_000), params)  # frozen params: no state
+"""
+
+from dvl_jax.training import schedules
+from dvl_jax.training.loss import (IGNORE, TokenLoss, cross_entropy, cross_entropy_plain, make_labels,
+                                   next_token_targets)
+from dvl_jax.training.optimizer import (STAGES, OptimizerConfig, make_optimizer, paper_config, param_labels,
+                                        trainable_mask)
+
+__all__ = ["IGNORE", "STAGES", "OptimizerConfig", "TokenLoss", "cross_entropy", "cross_entropy_plain",
+           "make_labels", "make_optimizer", "next_token_targets", "paper_config", "param_labels", "schedules",
+           "trainable_mask"]
