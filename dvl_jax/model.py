@@ -54,6 +54,13 @@ def param_shardings(config: ModelConfig, plan: ShardingPlan) -> Any:
   return plan.param_shardings(_boxed_abstract_params(config, _vocab_rows(config, plan)))
 
 
+def state_shardings(config: ModelConfig, plan: ShardingPlan, state: Any) -> Any:
+  """Where each array of a state made from a `Model`'s params lives under `plan` (ShardingPlan.state_shardings):
+  an optax state's moments as their params, step counts replicated; e.g. for
+  `jax.jit(tx.init, out_shardings=state_shardings(config, plan, jax.eval_shape(tx.init, params)))`."""
+  return plan.state_shardings(_boxed_abstract_params(config, _vocab_rows(config, plan)), state)
+
+
 def abstract_params(config: ModelConfig, plan: ShardingPlan | None = None) -> Any:
   """The params' ShapeDtypeStructs at the checkpoint's shapes (the real vocabulary), with no memory allocated
   (jax.eval_shape of init); with a plan, each carries its sharding (a restore target): its sharding in the
@@ -168,30 +175,27 @@ class Model:
     self.params = _in_layout(config, self.plan, params)
     self.module = DeepseekVL(config, _vocab_rows(config, self.plan))
     self.generation_defaults = dict(generation_defaults or {})
-    self._forward = jax.jit(self.module.apply, donate_argnames=("cache",))
-    self._init_cache = jax.jit(KVCache.init, static_argnums=(0, 1, 2, 3))
+    # Jitted under the plan: activations inside are laid out by its rules (ShardingPlan.jit).
+    jit = self.plan.jit
+    self._forward = jit(self.module.apply, donate_argnames=("cache",))
+    self._init_cache = jit(KVCache.init, static_argnums=(0, 1, 2, 3))
     gen_static = ("pad_id", "sampling")
-    self._prefill = jax.jit(functools.partial(generate.prefill, self.module), donate_argnames=("cache",),
-                            static_argnames=(*gen_static, "max_new_tokens"))
-    self._decode = jax.jit(functools.partial(generate.decode, self.module), donate_argnames=("state",),
-                           static_argnames=gen_static)
-    self._decode_step = jax.jit(functools.partial(generate.decode_step, self.module), donate_argnames=("state",),
-                                static_argnames=gen_static)
+    self._prefill = jit(functools.partial(generate.prefill, self.module), donate_argnames=("cache",),
+                        static_argnames=(*gen_static, "max_new_tokens"))
+    self._decode = jit(functools.partial(generate.decode, self.module), donate_argnames=("state",),
+                       static_argnames=gen_static)
+    self._decode_step = jit(functools.partial(generate.decode_step, self.module), donate_argnames=("state",),
+                            static_argnames=gen_static)
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Model:
     """`load(path, **kwargs)` under transformers' name: a converted checkpoint directory, not a Hub id."""
     return load(path, **kwargs)
 
-  def _run(self, fn, *args, **kwargs):
-    """Calls a jitted function with the plan active, so activations are laid out by its rules."""
-    with self.plan.activate():
-      return fn(*args, **kwargs)
-
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     """An empty KV cache for `batch_size` rows (global) and `max_len` slots, in the compute dtype, sharded as
     the plan lays out k and v (batch over the batch axes, kv heads over tensor)."""
-    return self._run(self._init_cache, self.config.text, batch_size, max_len, jnp.dtype(self.config.dtype))
+    return self._init_cache(self.config.text, batch_size, max_len, jnp.dtype(self.config.dtype))
 
   def check_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
                    high_res_pixel_values: Any = None, image_mask: Any = None) -> None:
@@ -254,19 +258,17 @@ class Model:
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     b, t = ids.shape
     n = 0 if pixel_values is None else np.shape(pixel_values)[1]
-    rows, t_max, n_max = self.plan.agree_max((b, t, n))
-    rows = -(-rows // self.plan.batch_multiple()) * self.plan.batch_multiple()
+    rows, t_max, n_max = self.plan.agree_batch(b, t, n)
     length = generate.bucket_length(t_max) if bucket else t_max
     if exact and (rows, length) != (b, t):
       raise ValueError(f"With a cache, the batch must need no padding: {b} rows of {t} tokens here, but the plan "
                        f"({self.plan}) and the other processes need {rows} rows of {length} tokens.")
 
     def pad(x: np.ndarray, value, to: int = length, left: bool = True) -> np.ndarray:
-      """Pads axis 1 to `to` (on the left, or the right), then repeats the last row up to `rows`."""
+      """Pads axis 1 to `to` (on the left, or the right); `place` pads the rows."""
       widths = [(0, 0)] * x.ndim
       widths[1] = (to - x.shape[1], 0) if left else (0, to - x.shape[1])
-      x = np.pad(x, widths, constant_values=value)
-      return np.concatenate([x, np.repeat(x[-1:], rows - b, axis=0)]) if rows > b else x
+      return np.pad(x, widths, constant_values=value)
 
     out = {"input_ids": pad(ids, pad_id), "attention_mask": pad(mask, 0)}
     if bucket:  # generation: prefill derives the positions; the repetition penalty skips our padding
@@ -283,8 +285,7 @@ class Model:
       for key, value, size in towers:
         value = np.zeros((b, 0, size, size, 3), dtype) if value is None else np.asarray(value, dtype)
         out[key] = pad(value, 0, to=n_max, left=False)
-    return {k: None if v is None else self.plan.put_batch(v, ("batch", "seq") if v.ndim == 2 else ("batch",))
-            for k, v in out.items()}
+    return self.plan.place(out, rows=rows)
 
   def _rows(self, x: jax.Array, b: int) -> jax.Array | np.ndarray:
     """This process's first `b` rows of a global batch-major array: a jax.Array in a single process, numpy
@@ -303,9 +304,8 @@ class Model:
     x = self._place(input_ids, attention_mask, pixel_values, high_res_pixel_values, positions, exact=cache is not None)
     if cache is not None and positions is None:  # continue each row's count of real tokens
       x["positions"] = x["positions"] + cache.next_positions()[:, None]
-    logits, cache = self._run(self._forward, {"params": self.params}, x["input_ids"], x["attention_mask"],
-                              x["positions"],
-                              x["pixel_values"], x["high_res_pixel_values"], cache)
+    logits, cache = self._forward({"params": self.params}, x["input_ids"], x["attention_mask"], x["positions"],
+                                  x["pixel_values"], x["high_res_pixel_values"], cache)
     logits = self._rows(logits, b)
     if logits.shape[-1] != self.config.text.vocab_size:  # the ids the plan pads the vocabulary with
       logits = logits[..., :self.config.text.vocab_size]
@@ -346,9 +346,10 @@ class Model:
     if bucket + max_new_tokens > self.config.text.max_position_embeddings:
       raise ValueError(f"The prompt ({np.shape(input_ids)[1]} tokens, padded to {bucket}) plus max_new_tokens="
                        f"{max_new_tokens} exceeds the model's {self.config.text.max_position_embeddings} positions.")
-    state = self._run(self._prefill, self.params, x["input_ids"], x["attention_mask"], x["pixel_values"],
-                      x["high_res_pixel_values"], self.init_cache(rows, bucket + max_new_tokens), np.int32(seed),
-                      eos_ids, x["penalised_ids"], pad_id=pad, max_new_tokens=int(max_new_tokens), sampling=sampling)
+    state = self._prefill(self.params, x["input_ids"], x["attention_mask"], x["pixel_values"],
+                          x["high_res_pixel_values"], self.init_cache(rows, bucket + max_new_tokens), np.int32(seed),
+                          eos_ids, x["penalised_ids"], pad_id=pad, max_new_tokens=int(max_new_tokens),
+                          sampling=sampling)
     return state, eos_ids, pad
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None, image_mask=None,
@@ -369,7 +370,7 @@ class Model:
                               repetition_penalty=repetition_penalty)
     state, eos_ids, pad = self._start(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask,
                                       max_new_tokens, sampling, eos_token_id, pad_token_id, seed)
-    state = self._run(self._decode, self.params, state, eos_ids, pad_id=pad, sampling=sampling)
+    state = self._decode(self.params, state, eos_ids, pad_id=pad, sampling=sampling)
     b = np.shape(input_ids)[0]
     return GenerationOutput(tokens=np.asarray(self._rows(state.tokens, b)),
                             lengths=np.asarray(self._rows(state.lengths, b)))
@@ -387,7 +388,7 @@ class Model:
     b = np.shape(input_ids)[0]
     for step in range(max_new_tokens):
       if step:
-        state = self._run(self._decode_step, self.params, state, eos_ids, pad_id=pad, sampling=sampling)
+        state = self._decode_step(self.params, state, eos_ids, pad_id=pad, sampling=sampling)
       yield np.asarray(self._rows(state.tokens, b))[:, step]
       if bool(state.done.all()):
         return

@@ -291,6 +291,54 @@ class ShardingPlan:
       raise ValueError(f"{len(problems)} param(s) do not fit {self}:\n  {shown}")
     return shardings
 
+  def state_shardings(self, params: Any, state: Any) -> Any:
+    """The shardings of a state made from `params` (an optax state, `jax.eval_shape(tx.init, params)`): each
+    array is laid out as the param it mirrors, so no device holds more of a moment than of its param.
+
+    A leaf mirrors a param when the end of its path is that param's path (optax keeps mu, nu and the like in
+    the params' tree structure) and its shape is the param's. Scalars (step counts) are replicated. Empty
+    nodes (optax's MaskedNode and EmptyState for frozen params) have no leaves and stay as they are.
+
+    Args:
+      params: the params the state was made for: arrays in their shards (Model.params), ShapeDtypeStructs
+        with shardings, or params boxed with their logical names (then laid out by `param_shardings`).
+      state: the state, arrays or ShapeDtypeStructs.
+    Returns:
+      A tree of NamedShardings shaped like `state` (for jax.jit's in_shardings/out_shardings).
+    Raises:
+      ValueError: listing every non-scalar leaf that mirrors no param.
+    """
+    boxed = any(isinstance(x, nn.Partitioned) for x in
+                jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+    shardings = self.param_shardings(params) if boxed else jax.tree.map(lambda x: x.sharding, params)
+    shapes = nn.meta.unbox(params) if boxed else params
+    by_path = {}
+    for (path, sharding), shape in zip(jax.tree_util.tree_leaves_with_path(shardings), jax.tree.leaves(shapes)):
+      by_path[tuple(getattr(k, "key", k) for k in path)] = (tuple(shape.shape), sharding)
+    replicated, problems = NamedSharding(self.mesh, PartitionSpec()), []
+
+    def one(path, leaf):
+      if not np.ndim(leaf):
+        return replicated
+      keys = []  # the path's trailing dict keys, the part that may be a param's path
+      for k in reversed(path):
+        if not isinstance(k, jax.tree_util.DictKey):
+          break
+        keys.insert(0, k.key)
+      for start in range(len(keys)):  # the longest suffix that names a param of this shape
+        shape, sharding = by_path.get(tuple(keys[start:]), (None, None))
+        if shape == tuple(np.shape(leaf)):
+          return sharding
+      problems.append(f"{jax.tree_util.keystr(path)} {tuple(np.shape(leaf))}")
+
+    out = jax.tree_util.tree_map_with_path(one, state)
+    if problems:
+      shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+      raise ValueError(f"{len(problems)} state array(s) mirror no param (no param has their path's end and "
+                       f"shape), so their sharding is unknown:\n  {shown}\nState arrays must be scalars or shaped "
+                       "like the param whose path ends theirs; lay out any other explicitly.")
+    return out
+
   # ----- activations -----
   @contextlib.contextmanager
   def activate(self) -> Iterator[None]:
@@ -300,6 +348,18 @@ class ShardingPlan:
       yield
     finally:
       _stack().pop()
+
+  def jit(self, fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
+    """`jax.jit(fn, **jit_kwargs)` traced with this plan active: `constrain` and `per_shard` within `fn` follow
+    the plan whoever calls it, with no `activate()` to remember. jit_kwargs (in_shardings, out_shardings,
+    donate_argnames, static_argnames, ...) go to jax.jit as they are; `fn`'s signature names the arguments."""
+
+    @functools.wraps(fn)  # jax.jit reads fn's signature through __wrapped__ (for static and donated names)
+    def traced(*args, **kwargs):
+      with self.activate():
+        return fn(*args, **kwargs)
+
+    return jax.jit(traced, **jit_kwargs)
 
   # ----- data placement -----
   @property
@@ -320,6 +380,64 @@ class ShardingPlan:
   def batch_multiple(self) -> int:
     """The row count of each process's batch must be a multiple of this."""
     return self.local_batch_shards
+
+  def agree_batch(self, rows: int, *sizes: int) -> tuple[int, ...]:
+    """(rows, *sizes) agreed over the processes (`agree_max`, one exchange), `rows` then rounded up to a multiple
+    of `batch_multiple()`: the rows every process feeds `place`, and any other sizes its inputs are padded to
+    (prompt length, image slots). Every process must call it."""
+    rows, *sizes = self.agree_max((rows, *sizes))
+    m = self.batch_multiple()
+    return (-(-rows // m) * m, *sizes)
+
+  def place(self, arrays: Mapping[str, Any], axes: Mapping[str, Sequence[str | None]] | None = None, *,
+            rows: int | None = None, fill: Mapping[str, Any] | None = None) -> dict[str, jax.Array | None]:
+    """This process's host rows -> global arrays laid out by the plan: the batch placement of generate and
+    training. Every process must call it together (unless `rows` is given).
+
+    Each array's axis 0 is the batch, with the same rows in each. Rows are padded to `rows` (default: the most
+    rows of any process, rounded up to a multiple of the batch shards; `agree_batch`) with copies of the last
+    row, whose outputs the caller drops; `fill` pads the named arrays with a value instead (a loss mask with 0,
+    so padded rows add nothing to a loss). With several processes, the global batch is every process's rows,
+    process by process (`put_batch`); slice a result's rows back with `local_rows`.
+
+    Args:
+      arrays: name -> array [B, ...] (numpy or anything np.asarray takes); None stays None.
+      axes: name -> the logical axes of that array's leading dimensions (the rest replicated); default
+        ("batch", "seq") for 2-d arrays, ("batch",) otherwise.
+      rows: the padded row count, already agreed over the processes (e.g. by `agree_batch`).
+      fill: name -> the value of that array's padding rows.
+    Returns:
+      name -> a jax.Array with `rows` * (processes feeding different rows) rows, or None.
+    """
+    arrays = {k: None if v is None else np.asarray(v) for k, v in arrays.items()}
+    counts = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items() if v is not None}
+    if len(set(counts.values())) > 1 or None in counts.values():
+      raise ValueError(f"place: every array's axis 0 must be the batch, the same rows in each; got "
+                       f"{ {k: arrays[k].shape for k in counts} }.")
+    b = next(iter(counts.values()), 0)
+    rows = self.agree_batch(b)[0] if rows is None else rows
+    if rows < b or rows % self.batch_multiple():
+      raise ValueError(f"place: {b} rows cannot be padded to rows={rows}; it must be at least {b} and a multiple "
+                       f"of {self.batch_multiple()} (the batch shards of this process under {self}); "
+                       "agree_batch gives it.")
+    axes, fill = dict(axes or {}), dict(fill or {})
+    unknown = sorted((set(axes) | set(fill)) - set(arrays))
+    if unknown:
+      raise ValueError(f"place: axes or fill name {unknown}, which are not among the arrays {sorted(arrays)}.")
+    out = {}
+    for name, x in arrays.items():
+      if x is None:
+        out[name] = None
+        continue
+      if rows > b:
+        if not b and name not in fill:
+          raise ValueError(f"place: {name!r} has no rows to copy into {rows} padding rows; give fill={{{name!r}: "
+                           "value}} or at least one row.")
+        pad = (np.full((rows - b, *x.shape[1:]), fill[name], x.dtype) if name in fill else
+               np.repeat(x[-1:], rows - b, axis=0))
+        x = np.concatenate([x, pad])
+      out[name] = self.put_batch(x, axes.get(name, ("batch", "seq") if x.ndim == 2 else ("batch",)))
+    return out
 
   def put_batch(self, local: np.ndarray, axes: Sequence[str | None] = ("batch",)) -> jax.Array:
     """This process's rows -> one global array, batch (axis 0) split over the batch axes.

@@ -123,6 +123,120 @@ def test_a_batch_that_does_not_divide_is_refused():
     plan.put_batch(np.zeros((3, 4), np.int32))
 
 
+def test_place_pads_the_rows_and_lays_them_out():
+  plan = ShardingPlan("data=2,fsdp=2,tensor=2")  # 4 batch shards
+  assert plan.agree_batch(3, 7, 2) == (4, 7, 2)  # one process: its own sizes, the rows rounded up
+  ids = np.arange(3 * 5, dtype=np.int32).reshape(3, 5)
+  weights = np.ones((3, 5), np.float32)
+  heads = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)
+  out = plan.place({"ids": ids, "weights": weights, "heads": heads, "none": None},
+                   axes={"heads": ("batch", "act_heads")}, fill={"weights": 0})
+  assert out["none"] is None
+  assert out["ids"].shape == (4, 5) and out["ids"].sharding.spec == P(("data", "fsdp"), None)
+  assert out["heads"].sharding.spec == P(("data", "fsdp"), "tensor", None)
+  assert {s.data.shape for s in out["heads"].addressable_shards} == {(1, 2, 2)}
+  np.testing.assert_array_equal(np.asarray(out["ids"]), np.concatenate([ids, ids[-1:]]))  # the last row copied
+  np.testing.assert_array_equal(np.asarray(out["weights"]), np.concatenate([weights, np.zeros((1, 5))]))
+  assert plan.place({"ids": ids}, rows=8)["ids"].shape == (8, 5)
+  with pytest.raises(ValueError, match=r"axis 0 must be the batch, the same rows in each; got \{'a': \(3, 5\), "
+                                       r"'b': \(2, 5\)\}"):
+    plan.place({"a": ids, "b": ids[:2]})
+  with pytest.raises(ValueError, match=r"3 rows cannot be padded to rows=6; it must be at least 3 and a multiple of 4"):
+    plan.place({"ids": ids}, rows=6)
+  with pytest.raises(ValueError, match=r"axes or fill name \['mask'\], which are not among the arrays \['ids'\]"):
+    plan.place({"ids": ids}, fill={"mask": 0})
+
+
+def test_plan_jit_lays_out_activations_without_activate():
+  plan = ShardingPlan("data=4,tensor=2")
+
+  def fn(x, scale):
+    return sharding.constrain(x * scale, ("batch", "act_heads"))
+
+  run = plan.jit(fn, static_argnames=("scale",))  # names resolve through fn's signature
+  out = run(np.ones((8, 6), np.float32), scale=2)
+  assert sharding.active_plan() is None
+  assert out.sharding.is_equivalent_to(plan.sharding(("batch", "act_heads")), 2)
+  assert {s.data.shape for s in out.addressable_shards} == {(2, 3)}
+  np.testing.assert_array_equal(np.asarray(out), 2)
+  assert jax.jit(fn, static_argnames=("scale",))(np.ones((8, 6), np.float32), scale=2).sharding.num_devices == 1
+
+
+def _optimizer_and_state(config):
+  from dvl_jax.training.optimizer import OptimizerConfig, make_optimizer
+
+  params = dvl_jax.abstract_params(config)
+  tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10, stage="S2"), params)
+  return params, tx, jax.eval_shape(tx.init, params)
+
+
+def test_optimizer_state_is_sharded_like_its_params():
+  config = dvl_jax.tiny()
+  plan = ShardingPlan("data=2,fsdp=2,tensor=2")
+  params, tx, state = _optimizer_and_state(config)
+  shardings = dvl_jax.model.state_shardings(config, plan, state)
+  wanted = dvl_jax.model.param_shardings(config, plan)
+  adam = state[1].inner_states["trainable"].inner_state[0]  # clip's and the frozen params' states are empty
+  got = shardings[1].inner_states["trainable"].inner_state[0]
+  assert got.count.spec == P()
+  for moment in ("mu", "nu"):
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(got, moment))
+    assert len(leaves) == len(jax.tree.leaves(getattr(adam, moment))) > 0
+    for path, s in leaves:
+      want = wanted
+      for key in path:
+        want = want[key.key]
+      assert s.spec == want.spec, (moment, jax.tree_util.keystr(path))
+  assert got.mu["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].spec == P("tensor", None, "fsdp")
+  assert not jax.tree.leaves(got.mu["vision_model"])  # frozen in S2: MaskedNodes, no moments
+  # The same from the Model's own arrays, and a state array that mirrors no param is refused.
+  assert jax.tree.leaves(plan.state_shardings(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                                           params, wanted), state)) == jax.tree.leaves(shardings)
+  with pytest.raises(ValueError, match=r"1 state array\(s\) mirror no param.*\n  \['extra'\]\['kernel'\] \(3, 4\)"):
+    plan.state_shardings(params | {"aligner": {}}, {"extra": {"kernel": jax.ShapeDtypeStruct((3, 4), np.float32)}})
+
+
+def test_optimizer_state_is_created_in_its_shards():
+  config = dvl_jax.tiny()
+  plan = ShardingPlan("data=4,tensor=2")
+  params, tx, state = _optimizer_and_state(config)
+  param_shardings = dvl_jax.model.param_shardings(config, plan)
+  zeros = jax.jit(lambda: jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), params),
+                  out_shardings=param_shardings)()
+  opt_state = jax.jit(tx.init, out_shardings=dvl_jax.model.state_shardings(config, plan, state))(zeros)
+  mu = opt_state[1].inner_states["trainable"].inner_state[0].mu
+  q = mu["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]  # [heads 4, head_dim 16, embed 64]
+  assert q.sharding.spec == P("tensor", None, None)
+  assert [s.data.shape for s in q.addressable_shards] == [(2, 16, 64)] * 8  # each device: half
+
+
+@pytest.mark.slow
+def test_a_sharded_optimizer_step_equals_one_device():
+  import optax
+
+  config = dvl_jax.tiny()
+  plan = ShardingPlan("data=2,fsdp=2,tensor=2")  # every mesh axis: moments split over fsdp and tensor
+  params, tx, state = _optimizer_and_state(config)
+  rng = np.random.default_rng(0)
+  values = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), params)
+  grads = jax.tree.map(lambda x: x * 0.1, values)
+
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  p_sh, s_sh = dvl_jax.model.param_shardings(config, plan), dvl_jax.model.state_shardings(config, plan, state)
+  run = plan.jit(step, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
+  got, opt_state = values, jax.jit(tx.init, out_shardings=s_sh)(jax.device_put(values, p_sh))
+  want, want_state = values, tx.init(values)
+  for _ in range(2):  # the second step reads the first one's moments
+    got, opt_state = run(got, opt_state, jax.device_put(grads, p_sh))
+    want, want_state = jax.jit(step)(want, want_state, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7), got, want)
+  jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"),
+               opt_state, s_sh)
+
+
 def _kernel(params, *path):
   for key in path:
     params = params[key]
