@@ -19,6 +19,7 @@ from dvl_jax.config import LlamaConfig
 from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention, rope_sin_cos
 from dvl_jax.nn.kv_cache import CACHE_AXES, KVCache
 from dvl_jax.nn.layers import Dtype, Linear, RMSNorm, SwiGLU, default_init
+from dvl_jax.nn.remat import remat
 from dvl_jax.sharding import constrain
 
 CacheKV = tuple[jax.Array, jax.Array] | None  # one layer's (k, v), each [B, K, S, H]
@@ -85,12 +86,15 @@ class LlamaDecoder(nn.Module):
     padded_vocab_size: the rows of the embedding and lm_head, when a mesh needs more than `config.vocab_size`
       (ShardingPlan.padded_vocab_size); None: `config.vocab_size`. The logits of the padded ids are masked to
       the dtype's lowest value, so that no sampler picks them and a loss can ignore them.
+    remat_policy: rematerialisation of each layer in training, a name in dvl_jax.nn.remat.REMAT_POLICIES;
+      "none" (inference) runs the plain layers.
   """
 
   config: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   padded_vocab_size: int | None = None
+  remat_policy: str = "none"
 
   def setup(self):
     cfg = self.config
@@ -99,7 +103,9 @@ class LlamaDecoder(nn.Module):
     assert vocab >= cfg.vocab_size, (vocab, cfg.vocab_size)
     self.embed_tokens = nn.Embed(vocab, cfg.embed_dim, embedding_init=nn.with_logical_partitioning(
         default_init, ("vocab", "embed")), **kw)
-    self.layers = [LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
+    # `new_only` (argument 7, counting self) is a Python bool that picks the mask's shape: static under remat.
+    layer = remat(LlamaDecoderLayer, self.remat_policy, static_argnums=(7,))
+    self.layers = [layer(cfg, **kw) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
     self.norm = RMSNorm(cfg.norm_eps, **kw)
     self.lm_head = Linear((vocab,), ("vocab", "embed"), **kw)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from dvl_jax.config import SamConfig
 from dvl_jax.nn.layers import Conv, Dtype, GeluMLP, LayerNorm, Linear, default_init, param
+from dvl_jax.nn.remat import remat
 from dvl_jax.sharding import constrain
 
 
@@ -150,11 +151,15 @@ class SamNeck(nn.Module):
 
 
 class SamEncoder(nn.Module):
-  """The SAM ViT trunk with its neck. Returns (neck(last block) [B, G, G, C], first global block [B, G, G, D])."""
+  """The SAM ViT trunk with its neck. Returns (neck(last block) [B, G, G, C], first global block [B, G, G, D]).
+
+  remat_policy: rematerialisation of each block in training (dvl_jax.nn.remat); "none" for inference.
+  """
 
   config: SamConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:  # pixels: [B, S, S, 3]
@@ -165,8 +170,9 @@ class SamEncoder(nn.Module):
                 (None, None, None, "embed"), self.param_dtype)
     x = x + pos.astype(self.dtype)
     first_global = None
+    block = remat(SamBlock, self.remat_policy)
     for i in range(cfg.num_layers):
-      x = SamBlock(cfg, i in cfg.global_attn_indexes, name=f"layers_{i}", **kw)(x)
+      x = block(cfg, i in cfg.global_attn_indexes, name=f"layers_{i}", **kw)(x)
       if i == cfg.global_attn_indexes[0]:
         first_global = x
     return SamNeck(cfg.neck_dim, cfg.norm_eps, name="neck", **kw)(x), first_global
@@ -179,12 +185,13 @@ class SamHighResTower(nn.Module):
   out_grid: int  # the SigLIP grid side: features are resized to 4x it, then halved twice
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"  # of each SAM block, see SamEncoder
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    last, first_global = SamEncoder(cfg, name="vision_encoder", **kw)(pixels)
+    last, first_global = SamEncoder(cfg, name="vision_encoder", remat_policy=self.remat_policy, **kw)(pixels)
     hd = SamNeck(cfg.neck_dim, cfg.norm_eps, name="neck_hd", **kw)(first_global)
     # One set of downsample convs serves both paths. Ref: sam.py ImageEncoderViT.forward (sam_hd branch).
     down1 = Conv(2 * cfg.neck_dim, 3, stride=2, padding=1, use_bias=False, name="downsample1", **kw)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from dvl_jax.config import SiglipConfig
 from dvl_jax.nn.attention import dot_product_attention
 from dvl_jax.nn.layers import Conv, Dtype, GeluMLP, LayerNorm, Linear, default_init, param
+from dvl_jax.nn.remat import remat
 from dvl_jax.sharding import constrain
 
 
@@ -54,11 +55,15 @@ class SiglipEncoderLayer(nn.Module):
 
 
 class SiglipVisionTower(nn.Module):
-  """Images [B, S, S, 3] (normalised, channels-last) -> features [B, P, D], P = (S / patch)^2."""
+  """Images [B, S, S, 3] (normalised, channels-last) -> features [B, P, D], P = (S / patch)^2.
+
+  remat_policy: rematerialisation of each block in training (dvl_jax.nn.remat); "none" for inference.
+  """
 
   config: SiglipConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -70,7 +75,9 @@ class SiglipVisionTower(nn.Module):
     pos = param(self, "position_embedding", default_init, (cfg.num_patches, d), ("patches", "embed"),
                 self.param_dtype)
     x = constrain(x + pos.astype(self.dtype), ("batch", "seq", "act_embed"))
-    scanned = nn.scan(SiglipEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+    # Remat inside the scan, one block per step; no CSE barriers needed in a scan body (jax.checkpoint docs).
+    block = remat(SiglipEncoderLayer, self.remat_policy, prevent_cse=False)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = scanned(cfg, name="layers", **kw)(x, None)
     return LayerNorm(cfg.norm_eps, name="post_layernorm", **kw)(x)

@@ -42,33 +42,45 @@ class DeepseekVL(nn.Module):
   """The whole model, functional: `params = init(...)`, `logits, cache = apply(params, ...)`.
 
   padded_vocab_size: the decoder's vocabulary rows on a mesh that needs padding (see LlamaDecoder); None: none.
+  remat_policy: rematerialisation of each decoder layer and vision block in training, a name in
+    dvl_jax.nn.remat.REMAT_POLICIES. A training choice, not a checkpoint property, hence not in ModelConfig;
+    the params are the same under every policy. "none" (inference) runs the plain blocks.
   """
 
   config: ModelConfig
   padded_vocab_size: int | None = None
+  remat_policy: str = "none"
 
   def setup(self):
     cfg = self.config
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    self.vision_model = SiglipVisionTower(cfg.vision, **kw)
+    self.vision_model = SiglipVisionTower(cfg.vision, remat_policy=self.remat_policy, **kw)
     if cfg.is_hybrid:
       grid = cfg.vision.image_size // cfg.vision.patch_size
-      self.high_res_vision_model = SamHighResTower(cfg.high_res, out_grid=grid, **kw)
+      self.high_res_vision_model = SamHighResTower(cfg.high_res, out_grid=grid, remat_policy=self.remat_policy,
+                                                   **kw)
       self.aligner = HybridAligner(cfg.aligner, **kw)
     else:
       self.aligner = MlpAligner(cfg.aligner, **kw)
-    self.language_model = LlamaDecoder(cfg.text, padded_vocab_size=self.padded_vocab_size, **kw)
+    self.language_model = LlamaDecoder(cfg.text, padded_vocab_size=self.padded_vocab_size,
+                                       remat_policy=self.remat_policy, **kw)
 
-  def encode_images(self, pixel_values: jax.Array, high_res_pixel_values: jax.Array | None = None) -> jax.Array:
+  def encode_images(self, pixel_values: jax.Array, high_res_pixel_values: jax.Array | None = None,
+                    frozen_towers: bool = False) -> jax.Array:
     """Normalised images [B, N, S, S, 3] (and, for the hybrid model, the same images at high resolution
-    [B, N, S', S', 3]) -> aligned features [B, N * P, D]. Laid out by the plan's vision rules, if any."""
+    [B, N, S', S', 3]) -> aligned features [B, N * P, D]. Laid out by the plan's vision rules, if any.
+
+    frozen_towers: stop the gradient at the towers' outputs (SigLIP's and SAM's features, before the
+    aligner), so a backward pass never enters a tower that is not trained (training/step.py)."""
+    stop = jax.lax.stop_gradient if frozen_towers else (lambda x: x)
     b, n = pixel_values.shape[:2]
     with sharding.tower("vision"):
-      feats = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]))  # [B*N, P, Dv]
+      feats = stop(self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:])))  # [B*N, P, Dv]
       if self.config.is_hybrid:
         if high_res_pixel_values is None:
           raise ValueError("The hybrid model needs high_res_pixel_values beside pixel_values.")
-        high = self.high_res_vision_model(high_res_pixel_values.reshape(b * n, *high_res_pixel_values.shape[2:]))
+        high = stop(self.high_res_vision_model(
+            high_res_pixel_values.reshape(b * n, *high_res_pixel_values.shape[2:])))
         feats = self.aligner(feats, high)  # [B*N, P, D]
       else:
         feats = self.aligner(feats)  # [B*N, P, D]
@@ -92,18 +104,20 @@ class DeepseekVL(nn.Module):
     return self.language_model(x, positions, attention_mask, cache, last_only)
 
   def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-                   high_res_pixel_values: jax.Array | None = None) -> jax.Array:
-    """The decoder's input embeddings [B, T, D]: token embeddings with the image features spliced in."""
+                   high_res_pixel_values: jax.Array | None = None, frozen_towers: bool = False) -> jax.Array:
+    """The decoder's input embeddings [B, T, D]: token embeddings with the image features spliced in.
+    frozen_towers: as `encode_images`."""
     x = self.language_model.embed(input_ids)  # [B, T, D]
     if pixel_values is not None:
-      feats = self.encode_images(pixel_values, high_res_pixel_values)
+      feats = self.encode_images(pixel_values, high_res_pixel_values, frozen_towers)
       x = splice_image_features(x, input_ids == self.config.image_token_id, feats)
     return x
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                     pixel_values: jax.Array | None = None,
-                    high_res_pixel_values: jax.Array | None = None) -> jax.Array:
+                    high_res_pixel_values: jax.Array | None = None, frozen_towers: bool = False) -> jax.Array:
     """The decoder's final normed hidden states [B, T, D] (before lm_head) of a forward without cache, for
-    a loss that applies lm_head itself (dvl_jax/training/loss.py). Args as `__call__`."""
-    x = self.embed_inputs(input_ids, pixel_values, high_res_pixel_values)
+    a loss that applies lm_head itself (dvl_jax/training/loss.py). Args as `__call__`; frozen_towers as
+    `encode_images`."""
+    x = self.embed_inputs(input_ids, pixel_values, high_res_pixel_values, frozen_towers)
     return self.language_model.hidden_states(x, positions, attention_mask)
