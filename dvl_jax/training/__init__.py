@@ -7,6 +7,10 @@ schedules (schedules.py).
   loss = out.mean  # or, over microbatches and devices: sum(out.sum) / sum(out.count)
 
   optimizer = make_optimizer(paper_config("S2", total_steps=10_000), params)  # frozen params: no state
+
+  config = paper_config("S2", total_steps=10_000)  # the train step (step.py): grads of the trained params only
+  state = init_train_state(params, config)
+  state, metrics = jit_train_step(module, config, microbatches=4)(state, Batch(ids, mask, pixel_values=pixels))
 """
 
 from dvl_jax.training import schedules
@@ -14,7 +18,10 @@ from dvl_jax.training.loss import (IGNORE, TokenLoss, cross_entropy, cross_entro
                                    next_token_targets)
 from dvl_jax.training.optimizer import (STAGES, OptimizerConfig, make_optimizer, paper_config, param_labels,
                                         trainable_mask)
+from dvl_jax.training.step import (Batch, TrainState, init_train_state, jit_train_step, loss_and_grads, loss_fn,
+                                   train_step)
 
-__all__ = ["IGNORE", "STAGES", "OptimizerConfig", "TokenLoss", "cross_entropy", "cross_entropy_plain",
-           "make_labels", "make_optimizer", "next_token_targets", "paper_config", "param_labels", "schedules",
+__all__ = ["IGNORE", "STAGES", "Batch", "OptimizerConfig", "TokenLoss", "TrainState", "cross_entropy",
+           "cross_entropy_plain", "init_train_state", "jit_train_step", "loss_and_grads", "loss_fn", "make_labels",
+           "make_optimizer", "next_token_targets", "paper_config", "param_labels", "schedules", "train_step",
            "trainable_mask"]

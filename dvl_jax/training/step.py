@@ -1,0 +1,223 @@
+"""The train step on one device: the loss of a batch, its gradient accumulated over microbatches, one AdamW update.
+
+  config = paper_config("S2", total_steps=10_000)
+  state = init_train_state(params, config)  # float32 params; optimizer state for the trained ones only
+  step = jit_train_step(module, config, microbatches=4)  # the state is donated
+  state, metrics = step(state, batch)  # metrics: loss, tokens, grad_norm, learning_rate
+
+The step differentiates the trained params only: the frozen ones (`OptimizerConfig`: SAM always, SigLIP in S1
+and S2, the LLM in S1) are closed over as constants, so no gradient of theirs is computed or stored, and a
+frozen tower's backward pass does not exist. When SigLIP (and SAM) are frozen, the image features are also
+passed through `stop_gradient` at the towers' outputs (DeepseekVL's `frozen_towers`), which keeps that true
+for any caller that differentiates the whole tree. test_step.py measures the FLOPs this saves.
+
+The loss of each microbatch is a summed cross-entropy and a token count (loss.TokenLoss). The gradients of the
+sums and the counts are added over microbatches (a `lax.scan`) and divided once by the batch's count, so
+accumulation gives exactly the gradient of the whole batch's mean loss, however the rows are split.
+
+Mixed precision: params and optimizer state stay in the params' dtype (float32); the module computes in its
+config's `dtype` (e.g. bfloat16), its layers casting the params, so the gradients arrive in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from dvl_jax.generate import positions_from_mask
+from dvl_jax.nn.vlm import DeepseekVL
+from dvl_jax.training.loss import TokenLoss, cross_entropy, make_labels
+from dvl_jax.training.optimizer import OptimizerConfig, make_optimizer, trainable_mask
+
+TOWERS = ("vision_model", "high_res_vision_model")  # SigLIP, SAM: the params behind `frozen_towers`
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes, passed in and returned.
+
+  Attributes:
+    step: int32 [], optimizer steps taken (the learning-rate schedule's position).
+    params: the model's params, float32 master weights.
+    opt_state: the optimizer's state (moments of the trained params only).
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class Batch:
+  """A batch as the model takes it; every field is an array with B rows first, or None.
+
+  Attributes:
+    input_ids: int [B, T], each image as `tokens_per_image` consecutive image tokens.
+    attention_mask: [B, T], 1 for real tokens (left or right padding).
+    labels: int [B, T] aligned with input_ids, -100 where nothing is learned (make_labels); None: made from
+      the ids, the mask and `loss_mask`.
+    loss_mask: [B, T], 1 for the tokens to learn (used only without labels); None: every real text token.
+    positions: int [B, T] RoPE positions; None: from the attention mask (cumsum - 1).
+    pixel_values: [B, N, S, S, 3] normalised images, N slots per row; None: text only.
+    high_res_pixel_values: [B, N, S', S', 3], the same images for SAM (hybrid model only).
+  """
+
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  labels: jax.Array | None = None
+  loss_mask: jax.Array | None = None
+  positions: jax.Array | None = None
+  pixel_values: jax.Array | None = None
+  high_res_pixel_values: jax.Array | None = None
+
+
+def init_train_state(params: Any, optimizer: OptimizerConfig) -> TrainState:
+  """Step 0, `params` as given (keep them float32), and the optimizer's fresh state."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=make_optimizer(optimizer, params).init(params))
+
+
+def loss_fn(params: Any, batch: Batch, module: DeepseekVL, *, chunk_size: int | None = 512,
+            frozen_towers: bool = False) -> TokenLoss:
+  """The summed next-token cross-entropy of `batch` and its supervised-token count.
+
+  Args:
+    params: the model's params.
+    batch: a Batch.
+    module: the DeepseekVL module (its config's dtype is the compute dtype).
+    chunk_size: positions per chunk of logits (loss.cross_entropy); None: all at once.
+    frozen_towers: stop the gradient at SigLIP's and SAM's outputs (DeepseekVL.encode_images).
+  Returns:
+    TokenLoss(sum float32 [], count int32 []).
+  """
+  cfg = module.config
+  if batch.labels is not None and batch.loss_mask is not None:
+    raise ValueError("Give a Batch labels or loss_mask, not both: labels already say which tokens are learned "
+                     "(make_labels(ids, mask, image_token_id, loss_mask) turns a loss_mask into labels).")
+  positions = positions_from_mask(batch.attention_mask) if batch.positions is None else batch.positions
+  hidden = module.apply({"params": params}, batch.input_ids, batch.attention_mask, positions, batch.pixel_values,
+                        batch.high_res_pixel_values, frozen_towers=frozen_towers,
+                        method=DeepseekVL.hidden_states)  # [B, T, D]
+  labels = batch.labels
+  if labels is None:
+    labels = make_labels(batch.input_ids, batch.attention_mask, cfg.image_token_id, batch.loss_mask)  # [B, T]
+  kernel = params["language_model"]["lm_head"]["kernel"]  # [V, D], V maybe padded
+  return cross_entropy(hidden, kernel, labels, cfg.text.vocab_size, chunk_size=chunk_size)
+
+
+def towers_frozen(mask: Any) -> bool:
+  """Whether no param of SigLIP or SAM is trained, given a trainable_mask."""
+  return not any(any(jax.tree.leaves(mask[t])) for t in TOWERS if t in mask)
+
+
+def split_microbatches(batch: Batch, microbatches: int) -> Batch:
+  """[B, ...] -> [M, B / M, ...] on every field: microbatch i holds rows i * B/M to (i + 1) * B/M - 1."""
+  rows = batch.input_ids.shape[0]
+  if microbatches < 1 or rows % microbatches:
+    raise ValueError(f"The batch has {rows} rows, which do not split into microbatches={microbatches} equal "
+                     "parts: give a batch whose rows are a multiple of microbatches (or change microbatches).")
+  return jax.tree.map(lambda x: x.reshape(microbatches, rows // microbatches, *x.shape[1:]), batch)
+
+
+def _split(params: Any, mask: Any) -> tuple[list, list, Callable[[list, list], Any]]:
+  """params -> (trained leaves, frozen leaves, merge(trained, frozen) -> params)."""
+  leaves, treedef = jax.tree.flatten(params)
+  flags = treedef.flatten_up_to(mask)
+  trained = [x for x, m in zip(leaves, flags) if m]
+  frozen = [x for x, m in zip(leaves, flags) if not m]
+
+  def merge(trained: list, frozen: list) -> Any:
+    t, f = iter(trained), iter(frozen)
+    return treedef.unflatten([next(t) if m else next(f) for m in flags])
+
+  return trained, frozen, merge
+
+
+def loss_and_grads(params: Any, batch: Batch, module: DeepseekVL, mask: Any = None, *, microbatches: int = 1,
+                   chunk_size: int | None = 512, frozen_towers: bool | None = None) -> tuple[TokenLoss, Any]:
+  """The batch's TokenLoss and the gradient of its mean loss (sum / count over the whole batch).
+
+  Args:
+    params: the model's params.
+    batch: a Batch of B rows.
+    module: the DeepseekVL module.
+    mask: a tree of Python bools shaped like params (trainable_mask; static, not traced: close over it under
+      jit): gradients are computed for the True ones only; the others get zeros, and cost nothing. None: all.
+    microbatches: M; the batch is run as M microbatches of B / M rows in a lax.scan, their summed losses'
+      gradients added, then divided once by the whole batch's count.
+    chunk_size: as `loss_fn`.
+    frozen_towers: as `loss_fn`; None: True exactly when the mask trains no SigLIP or SAM param.
+  Returns:
+    (TokenLoss of the whole batch, gradients shaped like params, float32 for float32 params).
+  """
+  mask = jax.tree.map(lambda _: True, params) if mask is None else mask
+  frozen_towers = towers_frozen(mask) if frozen_towers is None else frozen_towers
+  trained, frozen, merge = _split(params, mask)
+
+  def summed(trained: list, mb: Batch) -> tuple[jax.Array, jax.Array]:
+    out = loss_fn(merge(trained, frozen), mb, module, chunk_size=chunk_size, frozen_towers=frozen_towers)
+    return out.sum, out.count
+
+  grad_fn = jax.value_and_grad(summed, has_aux=True)
+  if microbatches == 1:
+    split_microbatches(batch, 1)  # validates
+    (total, count), grads = grad_fn(trained, batch)
+  else:
+    def body(carry, mb):
+      total, count, grads = carry
+      (s, c), g = grad_fn(trained, mb)
+      return (total + s, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trained)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
+    (total, count, grads), _ = lax.scan(body, init, split_microbatches(batch, microbatches))
+  loss = TokenLoss(sum=total, count=count)
+  scale = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+  grads = [g * scale.astype(g.dtype) for g in grads]
+  return loss, merge(grads, [jnp.zeros_like(x) for x in frozen])
+
+
+def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, optimizer: OptimizerConfig,
+               microbatches: int = 1, chunk_size: int | None = 512) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on `batch`: gradients of the trained params (accumulated over microbatches), then the
+  optimizer's clip and AdamW. Frozen params are returned untouched (the very same arrays).
+
+  Args:
+    state: the TrainState.
+    batch: a Batch of B rows, B a multiple of microbatches.
+    module: the DeepseekVL module.
+    optimizer: the OptimizerConfig the state was made with (init_train_state).
+    microbatches: gradient accumulation steps within this step.
+    chunk_size: positions per chunk of the loss's logits.
+  Returns:
+    (the next TrainState, metrics): loss float32 [] (the batch's mean), tokens int32 [] (supervised tokens),
+    grad_norm float32 [] (global norm of the trained params' gradients, before clipping), learning_rate
+    float32 [] (the base lr of this step, before any group's multiplier).
+  """
+  mask = trainable_mask(state.params, optimizer)
+  loss, grads = loss_and_grads(state.params, batch, module, mask, microbatches=microbatches, chunk_size=chunk_size)
+  tx = make_optimizer(optimizer, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  trained, frozen, merge = _split(state.params, mask)
+  new_trained = [p + u.astype(p.dtype) for p, u in zip(trained, _split(updates, mask)[0])]
+  metrics = {
+      "loss": loss.mean,
+      "tokens": loss.count,
+      "grad_norm": optax.global_norm(_split(grads, mask)[0]),
+      "learning_rate": jnp.asarray(optimizer.learning_rate_fn()(state.step), jnp.float32),
+  }
+  return TrainState(step=state.step + 1, params=merge(new_trained, frozen), opt_state=opt_state), metrics
+
+
+def jit_train_step(module: DeepseekVL, optimizer: OptimizerConfig, *, microbatches: int = 1,
+                   chunk_size: int | None = 512) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """`train_step` for this module and optimizer, jitted, the state donated (its buffers are reused)."""
+  step = functools.partial(train_step, module=module, optimizer=optimizer, microbatches=microbatches,
+                           chunk_size=chunk_size)
+  return jax.jit(step, donate_argnums=0)
