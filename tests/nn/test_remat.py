@@ -55,7 +55,7 @@ def _loss_and_grads(cfg, params, policy, args):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.slow  # three compiles of a gradient: ~30 s (tiny), ~90 s (tiny_hybrid) on the 2-core machine
+@pytest.mark.slow  # compiles of a gradient: ~30 s (tiny, three), ~30 s (tiny_hybrid, two) on the 2-core machine
 @pytest.mark.parametrize("preset", ["tiny", "tiny_hybrid"])
 def test_remat_changes_neither_loss_nor_gradients(preset):
   cfg = getattr(dvl_jax, preset)()
@@ -63,7 +63,8 @@ def test_remat_changes_neither_loss_nor_gradients(preset):
   # Params initialised without remat (as a checkpoint's are) load into every remat model.
   params = nn.meta.unbox(DeepseekVL(cfg).init(jax.random.key(0), *args)["params"])
   ref_loss, ref_grads = _loss_and_grads(cfg, params, "none", args)
-  for policy in ("full", "save_dots"):
+  # The hybrid checks "full" only (its SAM and SigLIP blocks are rematted alike under either policy): CI time.
+  for policy in ("full", "save_dots") if preset == "tiny" else ("full",):
     loss, grads = _loss_and_grads(cfg, params, policy, args)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     # Gradients of every param, the SigLIP (and SAM) blocks' included, to 1e-6, relative to each array's
