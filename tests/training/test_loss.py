@@ -11,20 +11,13 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-import dvl_jax
 from dvl_jax.generate import positions_from_mask
 from dvl_jax.nn.vlm import DeepseekVL
 from dvl_jax.training.loss import IGNORE, TokenLoss, cross_entropy, cross_entropy_plain, make_labels
-from reference import converted, IMAGE_TOKEN_ID, hf_model, max_rel_err, random_inputs, to_torch_images
+from reference import IMAGE_TOKEN_ID, max_rel_err, random_inputs, to_torch_images
 
 IMAGES = [1, 2]  # both rows hold images; row 0 is left-padded
 PAD = [4, 0]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  ref = hf_model("gqa")
-  return ref, converted(ref, tmp_path_factory)
 
 
 def _reference_labels(ids, mask, loss_mask):
