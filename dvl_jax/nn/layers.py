@@ -2,7 +2,7 @@
 
 Weights keep PyTorch's order, `[out..., in...]`: conversion is then a reshape, never a transpose, and on
 XLA:CPU a small-batch matmul against an `[out, in]` operand reads memory 3-4x faster than against `[in, out]`
-(../shared/PERF_NOTES.md). Every parameter carries logical axis names, which dvl_jax/sharding.py maps onto a device mesh.
+(../shared/PERF_NOTES.md). Every parameter carries logical axis names, which dvl_jax/sharding/ maps onto a device mesh.
 """
 
 from __future__ import annotations
