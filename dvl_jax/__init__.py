@@ -11,16 +11,18 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_
                               " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 from dvl_jax.config import (AlignerConfig, LlamaConfig, ModelConfig, SamConfig, SiglipConfig, deepseek_vl_1_3b,
-                            deepseek_vl_7b, from_hf_config, preset, tiny, tiny_hybrid)
-from dvl_jax.generate import enable_compilation_cache
-from dvl_jax.model import GenerationOutput, Model, abstract_params, init_params, load
+                            deepseek_vl_7b, preset, tiny, tiny_hybrid)
+from dvl_jax.generate import GenerationConfig, GenerationOutput, enable_compilation_cache
+from dvl_jax.model import Model, abstract_params, init_params, load
+# After dvl_jax.model: importing dvl_jax.convert loads the converter, which imports the model.
+from dvl_jax.convert.hf_config import from_hf_config
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.processing import Processor
 from dvl_jax.sharding import MeshSpec, ShardingPlan, make_mesh
 
 __all__ = [
-    "AlignerConfig", "KVCache", "LlamaConfig", "MeshSpec", "Model", "ModelConfig", "Processor", "SamConfig",
-    "ShardingPlan", "SiglipConfig", "make_mesh",
+    "AlignerConfig", "GenerationConfig", "KVCache", "LlamaConfig", "MeshSpec", "Model", "ModelConfig", "Processor",
+    "SamConfig", "ShardingPlan", "SiglipConfig", "make_mesh",
     "GenerationOutput", "abstract_params", "deepseek_vl_1_3b", "deepseek_vl_7b", "enable_compilation_cache",
     "from_hf_config", "init_params", "load",
     "preset", "tiny", "tiny_hybrid",

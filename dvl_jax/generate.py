@@ -5,14 +5,24 @@ prefill: encodes the images, fills the cache with the (left-padded, length-bucke
   stops a row at its EOS; the loop exits when every row has stopped or `max_new_tokens` is reached. The cache
   is donated to both calls, so it is updated in place. Positions continue each row's count of real tokens, as
   transformers' generate derives them from the attention mask.
+
+On the host, the one place that `Model.generate` and the captioner (dvl_jax/captioning/runner.py) both read:
+the defaults of a call (`GenerationConfig`: EOS and pad ids, `DEFAULT_MAX_NEW_TOKENS`), the prompt-length
+buckets (`bucket_length`) and what a call returns (`GenerationOutput`).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator, Sequence
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.sampling import SamplingConfig, next_tokens
@@ -80,8 +90,9 @@ def prefill(module: nn.Module, params, input_ids: jax.Array, attention_mask: jax
   padding too, not ours: the bucket padding is marked -1).
   """
   positions = positions_from_mask(attention_mask)
-  logits, cache = module.apply({"params": params}, input_ids, attention_mask, positions, pixel_values,
-                               high_res_pixel_values, cache, last_only=True)
+  out = module.apply({"params": params}, input_ids, attention_mask, positions, pixel_values, high_res_pixel_values,
+                     cache, last_only=True)
+  logits, cache = out.logits, out.cache  # [B, 1, V]
   b, vocab = logits.shape[0], logits.shape[-1]
   seen = jnp.zeros((b, vocab if sampling.repetition_penalty != 1.0 else 1), bool)
   state = DecodeState(cache=cache, tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
@@ -96,9 +107,9 @@ def decode_step(module: nn.Module, params, state: DecodeState, eos_ids: jax.Arra
   """Feeds every row's last token at the next cache slot and samples the following one."""
   last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [B, 1]
   positions = state.cache.next_positions()[:, None]
-  logits, cache = module.apply({"params": params}, last, jnp.ones_like(last), positions, None, None, state.cache,
-                               last_only=True)
-  return _record(state, logits[:, 0], cache, eos_ids, pad_id, sampling)
+  out = module.apply({"params": params}, last, jnp.ones_like(last), positions, None, None, state.cache,
+                     last_only=True)
+  return _record(state, out.logits[:, 0], out.cache, eos_ids, pad_id, sampling)
 
 
 def decode(module: nn.Module, params, state: DecodeState, eos_ids: jax.Array, *, pad_id: int,
@@ -114,6 +125,67 @@ def decode(module: nn.Module, params, state: DecodeState, eos_ids: jax.Array, *,
   return jax.lax.while_loop(cond, body, state)
 
 
+def enable_compilation_cache(directory: str) -> None:
+  """Keeps compiled programs in `directory` across processes (JAX's persistent compilation cache)."""
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# ----- host side: the defaults of a call, prompt buckets, the output -----
+DEFAULT_MAX_NEW_TOKENS = 64
+GENERATION_CONFIG_FILE = "generation_config.json"  # transformers' file, beside a checkpoint's config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """The EOS and pad ids a generation call falls back to: a checkpoint's generation_config.json (`read`), each
+  replaced by the caller's argument where one is given (`override`). Its other fields are not read: dvl_jax
+  generates greedily by default, `DEFAULT_MAX_NEW_TOKENS` tokens at most.
+
+  Attributes:
+    eos_token_id: the ids that stop a row; () stops none (a row runs to max_new_tokens), as None does.
+    pad_token_id: the id after a row's end and in the prompt's bucket padding; None: `pad_id` picks one.
+  """
+
+  eos_token_id: tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+
+  def __post_init__(self):
+    eos = self.eos_token_id
+    if eos is not None:  # one id, or several (a list in JSON): a tuple, so the config stays hashable
+      object.__setattr__(self, "eos_token_id", (int(eos),) if isinstance(eos, (int, np.integer)) else
+                         tuple(int(i) for i in eos))
+
+  @classmethod
+  def read(cls, directory: str | os.PathLike) -> GenerationConfig:
+    """The EOS and pad ids of `directory`'s generation_config.json; None for each where it or the file is absent."""
+    path = os.path.join(os.fspath(directory), GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+      return cls()
+    with open(path) as f:
+      raw = json.load(f)
+    return cls(eos_token_id=raw.get("eos_token_id"), pad_token_id=raw.get("pad_token_id"))
+
+  def override(self, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int | None = None) -> GenerationConfig:
+    """This config with the caller's ids where they are given (not None), as `Model.generate` takes them."""
+    return GenerationConfig(eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
+                            pad_token_id=self.pad_token_id if pad_token_id is None else pad_token_id)
+
+  @property
+  def eos_ids(self) -> np.ndarray:
+    """int32 [E], the ids that stop a row; empty for none."""
+    return np.asarray(self.eos_token_id or (), np.int32)
+
+  @property
+  def pad_id(self) -> int:
+    """`pad_token_id`, else the first EOS id (as transformers' generate), else 0."""
+    if self.pad_token_id is not None:
+      return int(self.pad_token_id)
+    return self.eos_token_id[0] if self.eos_token_id else 0
+
+
 def bucket_length(length: int) -> int:
   """Prompt lengths are padded up to a multiple of 32 up to 1024, of 128 up to 4096, then of 512: each bucket
   is one compiled prefill, and the padding is work thrown away (an image prompt of ~600 tokens would prefill
@@ -123,8 +195,37 @@ def bucket_length(length: int) -> int:
   return max(step, -(-length // step) * step)
 
 
-def enable_compilation_cache(directory: str) -> None:
-  """Keeps compiled programs in `directory` across processes (JAX's persistent compilation cache)."""
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+@dataclasses.dataclass
+class GenerationOutput:
+  """What `Model.generate` returns: the new tokens of each row, never the prompt.
+
+  Attributes:
+    tokens: int32 [B, max_new_tokens], each row's new tokens then `pad_token_id`.
+    lengths: int32 [B], the new tokens per row (its EOS included).
+
+  `out[i]` is row i's new tokens cut at its length, and iterating gives each row so, hence
+  `processor.batch_decode(out)` and `processor.decode(out[0])` work as with transformers. transformers' generate
+  returns the prompt and then the new tokens, for DeepSeek-VL too (the processor passes input_ids); `sequences`
+  here is only what follows the prompt, transformers' `output[:, inputs["input_ids"].shape[1]:]`.
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+
+  @property
+  def sequences(self) -> np.ndarray:
+    """The new tokens int32 [B, max_new_tokens], as `tokens` (transformers' name; there it includes the prompt)."""
+    return self.tokens
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+  def __getitem__(self, row: int) -> np.ndarray:
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+      raise TypeError(f"GenerationOutput[{row!r}]: index it by row, out[i] (row i's new tokens, cut at its length). "
+                      "For the padded [B, max_new_tokens] array use out.tokens or out.sequences (out.lengths the "
+                      "lengths); for text, processor.batch_decode(out).")
+    return self.tokens[row, :self.lengths[row]]
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    return (self[i] for i in range(len(self)))

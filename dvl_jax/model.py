@@ -2,13 +2,17 @@
 
   model = dvl_jax.load("ckpt/deepseek-vl-1.3b-chat")
   logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)  # [B, T, V]
+  out = model.generate(**processor_output, max_new_tokens=64)
+
+In this file: the params' shapes and shardings without memory (`abstract_params`, `param_shardings`,
+`state_shardings`) and random params (`init_params`); `Model`, which puts the host inputs where the plan wants
+them (the checks are dvl_jax/inputs.py, the placement ShardingPlan.place) and calls the jitted forward, prefill
+and decode (dvl_jax/generate.py, which also holds the defaults of a generation call); `load`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -18,14 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from dvl_jax import checkpoint, generate
-from dvl_jax.generate import positions_from_mask
 from dvl_jax.config import ModelConfig
+from dvl_jax.generate import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, GenerationOutput, positions_from_mask
+from dvl_jax.inputs import check_inputs
 from dvl_jax.nn.kv_cache import KVCache
+from dvl_jax.nn.output import Output
 from dvl_jax.nn.vlm import DeepseekVL
 from dvl_jax.sampling import SamplingConfig
 from dvl_jax.sharding import ShardingPlan
 
 
+# ----- params: shapes and shardings without memory, random init, the plan's layout -----
 def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, ...]:
   s = config.vision.image_size
   ids = jnp.zeros((1, 1), jnp.int32)
@@ -61,10 +68,17 @@ def state_shardings(config: ModelConfig, plan: ShardingPlan, state: Any) -> Any:
   return plan.state_shardings(_boxed_abstract_params(config, _vocab_rows(config, plan)), state)
 
 
-def abstract_params(config: ModelConfig, plan: ShardingPlan | None = None) -> Any:
+def abstract_params(config: ModelConfig, plan: ShardingPlan | None = None, *, padded: bool = False) -> Any:
   """The params' ShapeDtypeStructs at the checkpoint's shapes (the real vocabulary), with no memory allocated
   (jax.eval_shape of init); with a plan, each carries its sharding (a restore target): its sharding in the
-  model, except a vocabulary the plan pads, whose rows are kept whole until `Model` pads them."""
+  model, except a vocabulary the plan pads, whose rows are kept whole until `Model` pads them.
+
+  padded: with a plan, the shapes and shardings a `Model` under that plan holds instead (`Model.params`: the
+    vocabulary's rows padded as the plan pads them); the layout of a train state made from them."""
+  if padded and plan is not None:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(_boxed_abstract_params(config, _vocab_rows(config, plan))),
+                        param_shardings(config, plan))
   shapes = nn.meta.unbox(_boxed_abstract_params(config))
   if plan is None:
     return shapes
@@ -111,48 +125,7 @@ def _zero_padder(shape: tuple[int, ...], sharding: Any) -> Any:
   return jax.jit(lambda x: jnp.pad(x, [(0, s - n) for n, s in zip(x.shape, shape)]), out_shardings=sharding)
 
 
-def _concrete(x: Any) -> np.ndarray | None:
-  """The value of x as numpy when it is known on the host (not a tracer), else None."""
-  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
-
-
-@dataclasses.dataclass
-class GenerationOutput:
-  """What `Model.generate` returns: the new tokens of each row, never the prompt.
-
-  Attributes:
-    tokens: int32 [B, max_new_tokens], each row's new tokens then `pad_token_id`.
-    lengths: int32 [B], the new tokens per row (its EOS included).
-
-  `out[i]` is row i's new tokens cut at its length, and iterating gives each row so, hence
-  `processor.batch_decode(out)` and `processor.decode(out[0])` work as with transformers. transformers' generate
-  returns the prompt and then the new tokens, for DeepSeek-VL too (the processor passes input_ids); `sequences`
-  here is only what follows the prompt, transformers' `output[:, inputs["input_ids"].shape[1]:]`.
-  """
-
-  tokens: np.ndarray
-  lengths: np.ndarray
-
-  @property
-  def sequences(self) -> np.ndarray:
-    """The new tokens int32 [B, max_new_tokens], as `tokens` (transformers' name; there it includes the prompt)."""
-    return self.tokens
-
-  def __len__(self) -> int:
-    return len(self.lengths)
-
-  def __getitem__(self, row: int) -> np.ndarray:
-    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
-      raise TypeError(f"GenerationOutput[{row!r}]: index it by row, out[i] (row i's new tokens, cut at its length). "
-                      "For the padded [B, max_new_tokens] array use out.tokens or out.sequences (out.lengths the lengths); "
-                      "for text, "
-                      "processor.batch_decode(out).")
-    return self.tokens[row, :self.lengths[row]]
-
-  def __iter__(self) -> Iterator[np.ndarray]:
-    return (self[i] for i in range(len(self)))
-
-
+# ----- the model -----
 class Model:
   """A DeepSeek-VL model with its params.
 
@@ -164,17 +137,19 @@ class Model:
       The constructor takes params at the checkpoint's shapes (or padded so) and pads them.
     module: the Flax module (DeepseekVL, with the plan's padded vocabulary).
     plan: the ShardingPlan.
-    generation_defaults: eos_token_id / pad_token_id from the checkpoint's generation_config.json, if any.
+    generation_config: the EOS and pad ids `generate` defaults to (the checkpoint's generation_config.json).
   """
 
-  def __init__(self, config: ModelConfig, params: Any, generation_defaults: dict[str, Any] | None = None,
-               plan: ShardingPlan | None = None):
+  def __init__(self, config: ModelConfig, params: Any,
+               generation_config: GenerationConfig | dict[str, Any] | None = None, plan: ShardingPlan | None = None):
     self.config = config
     self.plan = plan or ShardingPlan.single_device()
     # A no-op for params already in their shards (load, init_params with the plan); otherwise they move there.
     self.params = _in_layout(config, self.plan, params)
     self.module = DeepseekVL(config, _vocab_rows(config, self.plan))
-    self.generation_defaults = dict(generation_defaults or {})
+    if not isinstance(generation_config, GenerationConfig):  # a dict of eos_token_id / pad_token_id, or None
+      generation_config = GenerationConfig(**(generation_config or {}))
+    self.generation_config = generation_config
     # Jitted under the plan: activations inside are laid out by its rules (ShardingPlan.jit).
     jit = self.plan.jit
     self._forward = jit(self.module.apply, donate_argnames=("cache",))
@@ -199,49 +174,8 @@ class Model:
 
   def check_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
                    high_res_pixel_values: Any = None, image_mask: Any = None) -> None:
-    """Raises a ValueError that names the problem when the inputs do not fit the model."""
-    cfg = self.config
-    shape = np.shape(input_ids)
-    if len(shape) != 2:
-      raise ValueError(f"input_ids must be [batch, seq_len]; got shape {shape}.")
-    if attention_mask is not None and np.shape(attention_mask) != shape:
-      raise ValueError(f"attention_mask shape {np.shape(attention_mask)} differs from input_ids shape {shape}.")
-    if pixel_values is not None:
-      s = cfg.vision.image_size
-      ps = np.shape(pixel_values)
-      if len(ps) != 5 or ps[0] != shape[0] or ps[2:] != (s, s, 3):
-        raise ValueError(f"pixel_values must be [batch={shape[0]}, num_images, {s}, {s}, 3] (channels-last, "
-                         f"one slot per image of the row); got shape {ps}.")
-      if cfg.is_hybrid:
-        s = cfg.high_res.image_size
-        hs = np.shape(high_res_pixel_values) if high_res_pixel_values is not None else None
-        if hs != (*ps[:2], s, s, 3):
-          raise ValueError(f"The hybrid model takes high_res_pixel_values [{ps[0]}, {ps[1]}, {s}, {s}, 3] beside "
-                           f"pixel_values {ps} (the same images at {s} px, for the SAM tower); got "
-                           f"{'none' if hs is None else f'shape {hs}'}.")
-    if high_res_pixel_values is not None and not cfg.is_hybrid:
-      raise ValueError("high_res_pixel_values was given, but this model has no high-resolution (SAM) tower.")
-    ids = _concrete(input_ids)
-    if ids is None:
-      return
-    if ids.min(initial=0) < 0 or ids.max(initial=0) >= cfg.text.vocab_size:
-      raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); got values from {ids.min()} to "
-                       f"{ids.max()}.")
-    per_image = cfg.tokens_per_image
-    counts = (ids == cfg.image_token_id).sum(axis=1)
-    slots = 0 if pixel_values is None else np.shape(pixel_values)[1]
-    images = None if image_mask is None or pixel_values is None else np.asarray(image_mask).sum(axis=1)
-    for row, count in enumerate(counts):
-      if images is not None and count != images[row] * per_image:
-        raise ValueError(
-            f"Row {row} of input_ids has {count} image tokens (id {cfg.image_token_id}) but image_mask marks "
-            f"{images[row]} image(s) of {per_image} tokens each, {images[row] * per_image} tokens.")
-      if count % per_image or count // per_image > slots:
-        raise ValueError(
-            f"Row {row} of input_ids has {count} image tokens (id {cfg.image_token_id}), but each image takes "
-            f"{per_image} tokens and pixel_values has {slots} image slot(s) per row: expected a multiple of "
-            f"{per_image} up to {slots * per_image}. Expand each image placeholder to {per_image} tokens and "
-            "pass one image per placeholder.")
+    """Raises a ValueError that names the problem when the inputs do not fit the model (inputs.check_inputs)."""
+    check_inputs(self.config, input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask)
 
   # ----- inputs and outputs across devices and processes -----
   def _place(self, input_ids, attention_mask, pixel_values, high_res_pixel_values, positions=None, *,
@@ -296,20 +230,21 @@ class Model:
 
   def forward(self, input_ids, attention_mask=None, pixel_values=None, positions=None,
               cache: KVCache | None = None, high_res_pixel_values=None,
-              image_mask=None) -> tuple[jax.Array, KVCache | None]:
-    """Logits and the updated cache. With a cache, the tokens are appended at `cache.end` (prefill or decode);
-    positions then default to continue each row's count of real tokens. The cache is donated."""
+              image_mask=None) -> Output:
+    """Output(logits [B, T, V], the updated cache or None). With a cache, the tokens are appended at
+    `cache.end` (prefill or decode); positions then default to continue each row's count of real tokens. The
+    cache is donated."""
     self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask)
     b, t = np.shape(input_ids)
     x = self._place(input_ids, attention_mask, pixel_values, high_res_pixel_values, positions, exact=cache is not None)
     if cache is not None and positions is None:  # continue each row's count of real tokens
       x["positions"] = x["positions"] + cache.next_positions()[:, None]
-    logits, cache = self._forward({"params": self.params}, x["input_ids"], x["attention_mask"], x["positions"],
-                                  x["pixel_values"], x["high_res_pixel_values"], cache)
-    logits = self._rows(logits, b)
+    out = self._forward({"params": self.params}, x["input_ids"], x["attention_mask"], x["positions"],
+                        x["pixel_values"], x["high_res_pixel_values"], cache)
+    logits = self._rows(out.logits, b)
     if logits.shape[-1] != self.config.text.vocab_size:  # the ids the plan pads the vocabulary with
       logits = logits[..., :self.config.text.vocab_size]
-    return (logits if logits.shape[1] == t else logits[:, -t:]), cache
+    return Output(logits=logits if logits.shape[1] == t else logits[:, -t:], cache=out.cache)
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None,
                high_res_pixel_values=None, image_mask=None) -> jax.Array:
@@ -327,8 +262,7 @@ class Model:
         each row's image-token count must match it exactly.
     """
     return self.forward(input_ids, attention_mask, pixel_values, position_ids,
-                        high_res_pixel_values=high_res_pixel_values, image_mask=image_mask)[0]
-
+                        high_res_pixel_values=high_res_pixel_values, image_mask=image_mask).logits
 
   # ----- generation -----
   def _start(self, input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask, max_new_tokens,
@@ -337,10 +271,8 @@ class Model:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     self.check_inputs(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask)
-    eos = eos_token_id if eos_token_id is not None else self.generation_defaults.get("eos_token_id")
-    eos_ids = np.asarray([] if eos is None else [eos] if isinstance(eos, int) else list(eos), np.int32)
-    pad = pad_token_id if pad_token_id is not None else self.generation_defaults.get("pad_token_id")
-    pad = int(pad if pad is not None else (eos_ids[0] if len(eos_ids) else 0))
+    ids = self.generation_config.override(eos_token_id, pad_token_id)
+    eos_ids, pad = ids.eos_ids, ids.pad_id
     x = self._place(input_ids, attention_mask, pixel_values, high_res_pixel_values, bucket=True, pad_id=pad)
     rows, bucket = x["input_ids"].shape
     if bucket + max_new_tokens > self.config.text.max_position_embeddings:
@@ -353,14 +285,15 @@ class Model:
     return state, eos_ids, pad
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None, image_mask=None,
-               *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-               pad_token_id: int | None = None, seed: int = 0) -> GenerationOutput:
+               *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+               eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+               seed: int = 0) -> GenerationOutput:
     """Generates up to `max_new_tokens` per row; `model.generate(**processor_output, ...)` works.
 
     Greedy by default; do_sample=True samples with temperature, top_k (0: off) and top_p (1.0: off).
     repetition_penalty (1.0: off) applies to every token already in the row, prompt included. A row stops at any
-    of `eos_token_id` (default: the checkpoint's generation_config.json); the whole loop stops when all rows have.
+    of `eos_token_id` (default: `generation_config`, the checkpoint's); the whole loop stops when all rows have.
     The same seed gives the same samples.
 
     With several processes, every process calls generate together, each with its own rows (any count, any
@@ -376,13 +309,12 @@ class Model:
                             lengths=np.asarray(self._rows(state.lengths, b)))
 
   def stream(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None, image_mask=None,
-             **kwargs) -> Iterator[np.ndarray]:
+             *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, seed: int = 0, **sampling: Any) -> Iterator[np.ndarray]:
     """Like generate, but yields each step's tokens int32 [B] as they are produced (rows that have stopped
-    yield the pad id). Steps from Python: for interactive use, not throughput."""
-    max_new_tokens = kwargs.pop("max_new_tokens", 64)
-    seed, eos_token_id, pad_token_id = kwargs.pop("seed", 0), kwargs.pop("eos_token_id", None), kwargs.pop(
-        "pad_token_id", None)
-    sampling = SamplingConfig(**kwargs)
+    yield the pad id). Steps from Python: for interactive use, not throughput. `sampling`: do_sample,
+    temperature, top_k, top_p, repetition_penalty, as generate takes them."""
+    sampling = SamplingConfig(**sampling)
     state, eos_ids, pad = self._start(input_ids, attention_mask, pixel_values, high_res_pixel_values, image_mask,
                                       max_new_tokens, sampling, eos_token_id, pad_token_id, seed)
     b = np.shape(input_ids)[0]
@@ -394,8 +326,9 @@ class Model:
         return
 
 
+# ----- loading -----
 def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: Any = None, strategy: Any = None,
-         vision_strategy: Any = None) -> Model:
+         vision_strategy: Any = None, attention: str | None = None) -> Model:
   """Restores a checkpoint written by convert/torch_to_orbax.py, each param straight into its shards.
 
   Args:
@@ -405,18 +338,17 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: Any = None,
       "tensor"), or a mesh spec ("data=2,tensor=4", {"fsdp": -1}, MeshSpec) over every device of every process.
     strategy, vision_strategy: the sharding strategies of the decoder and of the image towers (see
       dvl_jax.sharding); default from the mesh. Ignored when `mesh` is a ShardingPlan.
+    attention: the attention implementation of every tower, one of config.ATTENTION_IMPLS; default the
+      checkpoint's ("auto": by backend).
   """
   config = checkpoint.read_config(path)
   if dtype is not None:
     config = config.replace(dtype=dtype, param_dtype=dtype)
+  if attention is not None:
+    config = config.with_attention(attention)
   plan = make_plan(mesh, strategy, vision_strategy)
-  generation = {}
-  gen_file = os.path.join(os.fspath(path), "generation_config.json")
-  if os.path.isfile(gen_file):
-    with open(gen_file) as f:
-      raw = json.load(f)
-    generation = {k: raw[k] for k in ("eos_token_id", "pad_token_id") if raw.get(k) is not None}
-  return Model(config, checkpoint.restore_params(path, abstract_params(config, plan)), generation, plan)
+  return Model(config, checkpoint.restore_params(path, abstract_params(config, plan)), GenerationConfig.read(path),
+               plan)
 
 
 def make_plan(mesh: Any = None, strategy: Any = None, vision_strategy: Any = None) -> ShardingPlan:

@@ -11,7 +11,8 @@ from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, L
 from transformers import LlamaForCausalLM
 
 import dvl_jax
-from dvl_jax.config import from_hf_config, num_params
+from dvl_jax.config import num_params
+from dvl_jax.convert.hf_config import from_hf_config
 from dvl_jax.nn.llama import LlamaDecoder
 from reference import hf_config
 
@@ -150,3 +151,21 @@ def test_preset_lookup():
   assert dvl_jax.preset("tiny") == dvl_jax.tiny()
   with pytest.raises(ValueError, match="known presets"):
     dvl_jax.preset("deepseek-vl-2b")
+
+
+def test_attention_field_round_trips_and_older_files_without_it_load():
+  cfg = dvl_jax.tiny_hybrid().with_attention("xla")
+  assert {cfg.text.attention, cfg.vision.attention, cfg.high_res.attention} == {"xla"}
+  assert dvl_jax.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  old = cfg.to_dict()  # a dvl_config.json written before the field existed
+  for tower in ("text", "vision", "high_res"):
+    del old[tower]["attention"]
+  assert dvl_jax.ModelConfig.from_dict(old) == dvl_jax.tiny_hybrid()  # "auto" everywhere
+
+
+@pytest.mark.parametrize("make", [lambda: dvl_jax.LlamaConfig(attention="flash"),
+                                  lambda: dvl_jax.SiglipConfig(attention="flash"),
+                                  lambda: dvl_jax.tiny_hybrid().with_attention("flash")])
+def test_unknown_attention_names_the_valid_ones(make):
+  with pytest.raises(ValueError, match=r"attention must be one of \('auto', 'cpu', 'xla', 'splash'\), got 'flash'"):
+    make()

@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 import dvl_jax
 from dvl_jax.convert import convert_checkpoint
-from dvl_jax.generate import bucket_length
+from dvl_jax.generate import GenerationConfig, bucket_length
 from dvl_jax.sampling import SamplingConfig, next_tokens, top_k_mask, top_p_mask
 from reference import converted, hf_hybrid_model, hf_model, random_inputs, to_torch_images
 
@@ -163,6 +163,17 @@ def test_prompt_lengths_fall_in_few_buckets():
   assert buckets == {32 * i for i in range(1, 33)} | {128 * i for i in range(9, 33)} | {512 * i for i in range(9, 17)}
   assert all(bucket_length(t) >= t for t in range(1, 8193))
   assert bucket_length(600) == 608 and bucket_length(4097) == 4608 and bucket_length(32) == 32
+
+
+def test_generation_config_reads_the_checkpoint_file_and_takes_the_callers_ids_first(tmp_path):
+  assert GenerationConfig.read(tmp_path) == GenerationConfig()  # no generation_config.json: no EOS, pad 0
+  assert GenerationConfig().eos_ids.tolist() == [] and GenerationConfig().pad_id == 0
+  (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7, 9], "do_sample": true}')
+  file = GenerationConfig.read(tmp_path)
+  assert file.eos_ids.tolist() == [7, 9] and file.pad_id == 7  # pad: the first EOS, as transformers
+  assert file.override(eos_token_id=3).eos_ids.tolist() == [3] and file.override(eos_token_id=3).pad_id == 3
+  assert file.override(eos_token_id=[]).eos_ids.tolist() == []  # stop at none, the file notwithstanding
+  assert file.override(eos_token_id=0, pad_token_id=5) == GenerationConfig(eos_token_id=(0,), pad_token_id=5)
 
 
 def test_generation_errors(models):

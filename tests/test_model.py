@@ -120,13 +120,13 @@ def test_forward_with_cache_prefills_images_then_decodes_like_transformers(conve
   expected = hf_logits(ref, ids, mask, pixels, [2, 1])
   prompt = ids.shape[1] - 3
   cache = model.init_cache(batch_size=2, max_len=ids.shape[1] + 5)
-  logits, cache = model.forward(ids[:, :prompt], mask[:, :prompt], pixels, cache=cache)
-  steps = [logits]
+  out = model.forward(ids[:, :prompt], mask[:, :prompt], pixels, cache=cache)
+  steps = [out.logits]
   for t in range(prompt, ids.shape[1]):  # one token at a time; positions continue from the cache
-    logits, cache = model.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
-    steps.append(logits)
+    out = model.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache=out.cache)
+    steps.append(out.logits)
   assert max_rel_err(np.concatenate(steps, axis=1), expected, mask) < 1e-4
-  assert int(cache.end) == ids.shape[1]
+  assert int(out.cache.end) == ids.shape[1]
 
 
 def _zeros(config):
@@ -134,7 +134,7 @@ def _zeros(config):
 
 
 def test_hybrid_model_input_errors():
-  from dvl_jax.config import from_hf_config
+  from dvl_jax.convert.hf_config import from_hf_config
   from reference import hf_hybrid_config, hf_hybrid_model
 
   config = from_hf_config(hf_hybrid_config().to_dict())

@@ -129,9 +129,12 @@ class Captioner:
     self.model, self.processor = model, processor
     self.prompt, self.batch_size, self.workers, self.prefetch = prompt, batch_size, max(1, workers), max(1, prefetch)
     self.generate_kwargs = generate_kwargs
-    eos = generate_kwargs.get("eos_token_id") or model.generation_defaults.get("eos_token_id")
-    eos = processor.tokenizer.eos_token_id if eos is None else eos
-    self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
+    # The ids `generate` stops at, resolved as Model.generate resolves them (dvl_jax.generate.GenerationConfig);
+    # where the model has none, the tokenizer's EOS still marks a caption that ends with it as stopped.
+    eos = model.generation_config.override(eos_token_id=generate_kwargs.get("eos_token_id")).eos_token_id
+    if eos is None and processor.tokenizer.eos_token_id is not None:
+      eos = (processor.tokenizer.eos_token_id,)
+    self.eos_ids = set(eos or ())
     self._prompt_ids: dict[str, list[int]] = {}
 
   # ----- host side -----

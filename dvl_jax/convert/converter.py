@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from dvl_jax import checkpoint
-from dvl_jax.config import ModelConfig, from_hf_config, hf_ties_embeddings, load_json
+from dvl_jax.config import ModelConfig
 from dvl_jax.convert import keymap
+from dvl_jax.convert.hf_config import from_hf_config, hf_ties_embeddings, load_json
 from dvl_jax.convert.safetensors_io import INDEX_FILE, SafetensorsCheckpoint
 from dvl_jax.model import abstract_params
 from dvl_jax.staging import check_destination, staged_directory

@@ -67,10 +67,13 @@ def causal_blocks(t: int) -> int:
   return next((n for n in range(8, 1, -1) if t % n == 0 and t // n >= 32), 1)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+            bias: jax.Array | None = None) -> jax.Array:
   """q [..., G, T, H]; k, v [..., S, H]; mask bool [T, S] or [..., 1, T, S] broadcastable to the logits, or
-  None. Returns [..., G, T, H]."""
+  None; bias None or broadcastable to the logits [..., G, T, S]. Returns [..., G, T, H]."""
   logits = jnp.einsum("...GTH,...SH->...GTS", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
@@ -110,12 +113,15 @@ def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-                          scale: float | None = None, *, causal: bool = False) -> jax.Array:
-  """Softmax attention with grouped kv heads; logits and softmax in float32.
+                          scale: float | None = None, *, causal: bool = False,
+                          bias: jax.Array | None = None) -> jax.Array:
+  """Softmax attention with grouped kv heads; logits and softmax in float32: the "cpu" implementation, tuned for
+  XLA:CPU (the others, and the switch between them: attention_impls.py).
 
-  A query whose mask is all False (a left-padding position) gets a uniform average instead of NaN; its
-  output is never used. Few queries (a decode step) or small logits run at once over the batch; otherwise one
-  row at a time (lax.map, on each device over its own rows), in tiles of at most LOGITS_BUDGET bytes of logits.
+  A query whose mask is all False (a left-padding position) gets a uniform average instead of NaN, and finite
+  gradients; its output is never used. Few queries (a decode step), small logits or a bias run at once over the
+  batch; otherwise one row at a time (lax.map, on each device over its own rows), in tiles of at most
+  LOGITS_BUDGET bytes of logits.
 
   Args:
     q: [B, T, N, H].
@@ -125,6 +131,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     causal: query t sits at key slot S - T + t and the mask hides every later slot (a prefill: S == T). The
       queries then run in `causal_blocks(T)` blocks, each against the keys up to its last query only. The mask
       is applied as given either way.
+    bias: optional float [B, N, T, S] added to the scaled logits (SAM's relative positions).
   Returns:
     [B, T, N, H].
   """
@@ -135,7 +142,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
   # With fewer queries than head dims, the logits are smaller than the keys they are computed from: nothing
   # to gain from tiles.
-  if not causal and (t < h or b * n * t * s * 4 <= LOGITS_BUDGET):
+  if bias is not None:  # SAM's, whose logits were always computed at once
+    out = _attend(q, k, v, None if mask is None else mask[:, None, None], scale,
+                  bias.reshape(b, kv_heads, g, t, s))
+  elif not causal and (t < h or b * n * t * s * 4 <= LOGITS_BUDGET):
     out = _attend(q, k, v, None if mask is None else mask[:, None, None], scale)
   else:
     heads, kv = ("batch", "act_kv_heads", None, None, None), ("batch", "act_kv_heads", None, None)

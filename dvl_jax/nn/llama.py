@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from dvl_jax.config import LlamaConfig
-from dvl_jax.nn.attention import apply_rope, causal_mask, dot_product_attention, rope_sin_cos
+from dvl_jax.nn.attention import apply_rope, causal_mask, rope_sin_cos
+from dvl_jax.nn.attention_impls import SegmentIds, attend
 from dvl_jax.nn.kv_cache import CACHE_AXES, KVCache
 from dvl_jax.nn.layers import Dtype, Linear, RMSNorm, SwiGLU, default_init
+from dvl_jax.nn.output import Output
 from dvl_jax.nn.remat import remat
 from dvl_jax.sharding import constrain
 
@@ -34,10 +36,12 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, cache_kv: CacheKV,
-               write_index: jax.Array, new_only: bool) -> tuple[jax.Array, CacheKV]:
+               write_index: jax.Array, new_only: bool,
+               segment_ids: SegmentIds | None = None) -> tuple[jax.Array, CacheKV]:
     """x: [B, T, D]; sin, cos: [B, T, H]; cache_kv: this layer's cache or None, the new k, v written at slot
     `write_index`; new_only: the tokens attend only to each other (no cache, or an empty one), mask: bool
-    [B, T, T]; else they attend to the whole cache, mask [B, T, S]. Returns ([B, T, D], cache_kv)."""
+    [B, T, T]; else they attend to the whole cache, mask [B, T, S]. segment_ids: the mask as segment ids (new_only
+    only), for the "splash" implementation. Returns ([B, T, D], cache_kv)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, kvh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -52,7 +56,7 @@ class LlamaAttention(nn.Module):
                        for c, new in zip(cache_kv, (k, v)))
       if not new_only:
         k, v = (c.astype(self.dtype) for c in cache_kv)  # [B, K, S, H]
-    out = dot_product_attention(q, k, v, mask, causal=new_only)  # [B, T, N, H]
+    out = attend(q, k, v, mask, impl=cfg.attention, causal=new_only, segment_ids=segment_ids)  # [B, T, N, H]
     out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     out = Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="o_proj", **kw)(out)
     return out, cache_kv
@@ -67,12 +71,14 @@ class LlamaDecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array, cache_kv: CacheKV,
-               write_index: jax.Array, new_only: bool) -> tuple[jax.Array, CacheKV]:
+               write_index: jax.Array, new_only: bool,
+               segment_ids: SegmentIds | None = None) -> tuple[jax.Array, CacheKV]:
     """x: [B, T, D]; the rest as LlamaAttention. Returns ([B, T, D], cache_kv)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(cfg.norm_eps, name="input_layernorm", **kw)(x)
-    h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, write_index, new_only)
+    h, cache_kv = LlamaAttention(cfg, name="self_attn", **kw)(h, sin, cos, mask, cache_kv, write_index, new_only,
+                                                               segment_ids)
     x = x + h
     x = x + SwiGLU(cfg.mlp_dim, name="mlp", **kw)(RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **kw)(x))
     x = constrain(x, ("batch", "seq", "act_embed"))
@@ -124,7 +130,7 @@ class LlamaDecoder(nn.Module):
     return self._layers(x, positions, attention_mask, None)[0]
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, last_only: bool = False) -> Output:
     """Runs the decoder over T new tokens.
 
     Args:
@@ -136,7 +142,7 @@ class LlamaDecoder(nn.Module):
         empty cache, only to each other, as without one).
       last_only: compute logits for the last position only (prefill before sampling): [B, 1, V].
     Returns:
-      (logits [B, T, V], the updated cache or None); V is `padded_vocab_size` when set.
+      Output(logits [B, T, V], the updated cache or None); V is `padded_vocab_size` when set.
     """
     x, cache = self._layers(x, positions, attention_mask, cache)
     if last_only:
@@ -147,7 +153,7 @@ class LlamaDecoder(nn.Module):
       real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
       logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
     logits = constrain(logits, ("batch", "seq", "act_vocab"))
-    return logits, cache
+    return Output(logits=logits, cache=cache)
 
   def _layers(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
               cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
@@ -160,12 +166,14 @@ class LlamaDecoder(nn.Module):
       cache_valid = constrain(lax.dynamic_update_slice(cache.valid, valid, (0, write_index)), ("batch", "cache_seq"))
     # [B, T, T] among the new tokens, or [B, T, S] over the whole cache
     mask = causal_mask(jnp.arange(t), valid) if new_only else causal_mask(write_index + jnp.arange(t), cache_valid)
+    # The same mask for splash: padding (id 0) attends only padding, real tokens (id 1) only real ones.
+    segment_ids = SegmentIds(valid.astype(jnp.int32), valid.astype(jnp.int32)) if new_only else None
     sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
     x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       x, layer_kv = layer(x, sin, cos, mask, None if cache is None else (cache.k[i], cache.v[i]), write_index,
-                          new_only)
+                          new_only, segment_ids)
       if cache is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])

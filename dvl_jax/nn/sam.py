@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dvl_jax.config import SamConfig
+from dvl_jax.nn.attention_impls import attend
 from dvl_jax.nn.layers import Conv, Dtype, GeluMLP, LayerNorm, Linear, default_init, param
 from dvl_jax.nn.remat import remat
 from dvl_jax.sharding import constrain
@@ -61,7 +62,8 @@ def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
 class SamAttention(nn.Module):
   """Multi-head attention over a [B, h, w, D] map with decomposed relative positions.
 
-  logits = (q * scale) k^T + rel_h + rel_w, where rel_h[i, j] = q_i . R_h[row(i) - row(j)] (unscaled q).
+  logits = (q * scale) k^T + rel_h + rel_w, where rel_h[i, j] = q_i . R_h[row(i) - row(j)] (unscaled q): the
+  relative positions are an additive bias that depends on q (its gradient reaches q through it too).
   """
 
   config: SamConfig
@@ -82,11 +84,12 @@ class SamAttention(nn.Module):
                                    (None, "head_dim"), self.param_dtype).astype(self.dtype))  # [h, h, H]
     rel_w = rel_pos_table(w, param(self, "rel_pos_w", nn.initializers.zeros, (2 * self.size - 1, hd),
                                    (None, "head_dim"), self.param_dtype).astype(self.dtype))  # [w, w, H]
-    logits = jnp.einsum("BhwNH,BkvNH->BNhwkv", q * hd**-0.5, k, preferred_element_type=jnp.float32)
-    logits = logits + jnp.einsum("BhwNH,hkH->BNhwk", q, rel_h, preferred_element_type=jnp.float32)[..., None]
-    logits = logits + jnp.einsum("BhwNH,wvH->BNhwv", q, rel_w, preferred_element_type=jnp.float32)[..., None, :]
-    probs = jax.nn.softmax(logits.reshape(b, n, h, w, h * w), axis=-1).astype(v.dtype)
-    out = jnp.einsum("BNhwS,BSNH->BhwNH", probs, v.reshape(b, h * w, n, hd))  # [B, h, w, N, H]
+    bias_h = jnp.einsum("BhwNH,hkH->BNhwk", q, rel_h, preferred_element_type=jnp.float32)  # [B, N, h, w, h]
+    bias_w = jnp.einsum("BhwNH,wvH->BNhwv", q, rel_w, preferred_element_type=jnp.float32)  # [B, N, h, w, w]
+    bias = (bias_h[..., None] + bias_w[..., None, :]).reshape(b, n, h * w, h * w)  # [B, N, T, S], T = S = hw
+    q, k, v = (x.reshape(b, h * w, n, hd) for x in (q, k, v))  # [B, T, N, H]
+    out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), impl=cfg.attention, bias=bias)
+    out = out.reshape(b, h, w, n, hd)
     return Linear((d,), ("embed", "heads", "head_dim"), num_in_axes=2, use_bias=True, name="proj", **kw)(out)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dvl_jax.config import SiglipConfig
-from dvl_jax.nn.attention import dot_product_attention
+from dvl_jax.nn.attention_impls import attend
 from dvl_jax.nn.layers import Conv, Dtype, GeluMLP, LayerNorm, Linear, default_init, param
 from dvl_jax.nn.remat import remat
 from dvl_jax.sharding import constrain
@@ -33,7 +33,7 @@ class SiglipAttention(nn.Module):
     q = Linear((n, h), ("heads", "head_dim", "embed"), name="q_proj", **kw)(x)  # [B, P, N, H]
     k = Linear((n, h), ("heads", "head_dim", "embed"), name="k_proj", **kw)(x)
     v = Linear((n, h), ("heads", "head_dim", "embed"), name="v_proj", **kw)(x)
-    out = dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # [B, P, N, H]
+    out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), impl=cfg.attention)  # [B, P, N, H]
     out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     return Linear((cfg.embed_dim,), ("embed", "heads", "head_dim"), num_in_axes=2, name="out_proj", **kw)(out)
 

@@ -15,6 +15,7 @@ from dvl_jax.config import ModelConfig
 from dvl_jax.nn.aligner import HybridAligner, MlpAligner
 from dvl_jax.nn.kv_cache import KVCache
 from dvl_jax.nn.llama import LlamaDecoder
+from dvl_jax.nn.output import Output
 from dvl_jax.nn.sam import SamHighResTower
 from dvl_jax.nn.siglip import SiglipVisionTower
 
@@ -39,7 +40,8 @@ def splice_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.
 
 
 class DeepseekVL(nn.Module):
-  """The whole model, functional: `params = init(...)`, `logits, cache = apply(params, ...)`.
+  """The whole model, functional: `params = init(...)`, `out = apply(params, ...)` (an Output: `out.logits`,
+  `out.cache`).
 
   padded_vocab_size: the decoder's vocabulary rows on a mesh that needs padding (see LlamaDecoder); None: none.
   remat_policy: rematerialisation of each decoder layer and vision block in training, a name in
@@ -88,7 +90,7 @@ class DeepseekVL(nn.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                pixel_values: jax.Array | None = None, high_res_pixel_values: jax.Array | None = None,
-               cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, last_only: bool = False) -> Output:
     """Args:
       input_ids: int [B, T]; each image is `tokens_per_image` consecutive image tokens.
       attention_mask: [B, T], 1 for real tokens.
@@ -98,7 +100,8 @@ class DeepseekVL(nn.Module):
       cache: optional KVCache (see LlamaDecoder).
       last_only: logits of the last position only, [B, 1, V].
     Returns:
-      (logits [B, T, V], cache); V is `padded_vocab_size` when set, the padded ids' logits masked.
+      Output(logits [B, T, V], the updated cache or None); V is `padded_vocab_size` when set, the padded ids'
+      logits masked.
     """
     x = self.embed_inputs(input_ids, pixel_values, high_res_pixel_values)
     return self.language_model(x, positions, attention_mask, cache, last_only)

@@ -74,7 +74,8 @@ def test_cached_prefill_and_decode_equal_the_full_forward(chunks):
 
   @jax.jit
   def run(x_ids, pos, mask, cache):
-    return module.apply({"params": params}, x_ids, pos, mask, cache, method=lambda m, i, p, a, c: m(m.embed(i), p, a, c))
+    out = module.apply({"params": params}, x_ids, pos, mask, cache, method=lambda m, i, p, a, c: m(m.embed(i), p, a, c))
+    return out.logits, out.cache
 
   full, none = run(ids, positions, attn, None)
   assert none is None
