@@ -210,33 +210,6 @@ def test_optimizer_state_is_created_in_its_shards():
   assert [s.data.shape for s in q.addressable_shards] == [(2, 16, 64)] * 8  # each device: half
 
 
-@pytest.mark.slow
-def test_a_sharded_optimizer_step_equals_one_device():
-  import optax
-
-  config = dvl_jax.tiny()
-  plan = ShardingPlan("data=2,fsdp=2,tensor=2")  # every mesh axis: moments split over fsdp and tensor
-  params, tx, state = _optimizer_and_state(config)
-  rng = np.random.default_rng(0)
-  values = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), params)
-  grads = jax.tree.map(lambda x: x * 0.1, values)
-
-  def step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  p_sh, s_sh = dvl_jax.model.param_shardings(config, plan), dvl_jax.model.state_shardings(config, plan, state)
-  run = plan.jit(step, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
-  got, opt_state = values, jax.jit(tx.init, out_shardings=s_sh)(jax.device_put(values, p_sh))
-  want, want_state = values, tx.init(values)
-  for _ in range(2):  # the second step reads the first one's moments
-    got, opt_state = run(got, opt_state, jax.device_put(grads, p_sh))
-    want, want_state = jax.jit(step)(want, want_state, grads)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7), got, want)
-  jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"),
-               opt_state, s_sh)
-
-
 def _kernel(params, *path):
   for key in path:
     params = params[key]
@@ -356,7 +329,8 @@ def test_tiled_attention_sharded_equals_single_device(single_device_run, monkeyp
   # runs a row and a kv head at a time, under shard_map with rows and heads split over the mesh.
   config, params, inputs, logits, generated = single_device_run
   if config.is_hybrid:
-    pytest.skip("the same attention code as the tiny model's (SAM has its own); the hybrid costs 2 more minutes")
+    pytest.skip("the same tiled attention as the tiny model's (SAM's, with its bias, is not tiled); the hybrid "
+                "costs 2 more minutes")
   monkeypatch.setattr(attention, "LOGITS_BUDGET", 0)
   model = dvl_jax.Model(config, params, plan=ShardingPlan("data=2,fsdp=2,tensor=2"))
   real = inputs["attention_mask"].astype(bool)

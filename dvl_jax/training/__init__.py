@@ -1,5 +1,5 @@
 """Training: the loss (loss.py), the optimizer with freezing by stage (optimizer.py) and its learning-rate
-schedules (schedules.py).
+schedules (schedules.py), the train state (state.py), batches (batch.py) and the train step (step.py).
 
   hidden = module.apply({"params": params}, ids, mask, positions, pixels, method=DeepseekVL.hidden_states)
   labels = make_labels(ids, mask, config.image_token_id, loss_mask)  # -100: not a target
@@ -11,17 +11,21 @@ schedules (schedules.py).
   config = paper_config("S2", total_steps=10_000)  # the train step (step.py): grads of the trained params only
   state = init_train_state(params, config)
   state, metrics = jit_train_step(module, config, microbatches=4)(state, Batch(ids, mask, pixel_values=pixels))
+
+Over a mesh: the state in its shards (state.py: abstract_train_state), the batch placed (batch.py: place_batch),
+`jit_train_step(..., plan=plan)`.
 """
 
 from dvl_jax.training import schedules
+from dvl_jax.training.batch import Batch, place_batch, split_microbatches
 from dvl_jax.training.loss import (IGNORE, TokenLoss, cross_entropy, cross_entropy_plain, make_labels,
                                    next_token_targets)
 from dvl_jax.training.optimizer import (STAGES, OptimizerConfig, make_optimizer, paper_config, param_labels,
                                         trainable_mask)
-from dvl_jax.training.step import (Batch, TrainState, init_train_state, jit_train_step, loss_and_grads, loss_fn,
-                                   train_step)
+from dvl_jax.training.state import TrainState, abstract_train_state, init_train_state
+from dvl_jax.training.step import jit_train_step, loss_and_grads, loss_fn, train_step
 
-__all__ = ["IGNORE", "STAGES", "Batch", "OptimizerConfig", "TokenLoss", "TrainState", "cross_entropy",
-           "cross_entropy_plain", "init_train_state", "jit_train_step", "loss_and_grads", "loss_fn", "make_labels",
-           "make_optimizer", "next_token_targets", "paper_config", "param_labels", "schedules", "train_step",
-           "trainable_mask"]
+__all__ = ["IGNORE", "STAGES", "Batch", "OptimizerConfig", "TokenLoss", "TrainState", "abstract_train_state",
+           "cross_entropy", "cross_entropy_plain", "init_train_state", "jit_train_step", "loss_and_grads", "loss_fn",
+           "make_labels", "make_optimizer", "next_token_targets", "paper_config", "param_labels", "place_batch",
+           "schedules", "split_microbatches", "train_step", "trainable_mask"]

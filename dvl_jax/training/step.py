@@ -1,9 +1,16 @@
-"""The train step on one device: the loss of a batch, its gradient accumulated over microbatches, one AdamW update.
+"""The train step: the loss of a batch, its gradient accumulated over microbatches, one AdamW update.
 
   config = paper_config("S2", total_steps=10_000)
   state = init_train_state(params, config)  # float32 params; optimizer state for the trained ones only
   step = jit_train_step(module, config, microbatches=4)  # the state is donated
   state, metrics = step(state, batch)  # metrics: loss, tokens, grad_norm, learning_rate
+
+Over a mesh (data, fsdp, tensor or both: dvl_jax.sharding), the same step with the state in its shards:
+
+  model = Model(model_config, params, plan=plan)  # params in their shards, the vocabulary padded if need be
+  state = init_train_state(model.params, config, like=abstract_train_state(model_config, plan, config))
+  step = jit_train_step(model.module, config, microbatches=4, plan=plan)
+  state, metrics = step(state, place_batch(plan, batch, microbatches=4))  # this process's rows in
 
 The step differentiates the trained params only: the frozen ones (`OptimizerConfig`: SAM always, SigLIP in S1
 and S2, the LLM in S1) are closed over as constants, so no gradient of theirs is computed or stored, and a
@@ -24,63 +31,22 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from dvl_jax import sharding
 from dvl_jax.generate import positions_from_mask
 from dvl_jax.nn.vlm import DeepseekVL
+from dvl_jax.sharding import ShardingPlan
+from dvl_jax.training.batch import Batch, batch_sharding, split_microbatches
 from dvl_jax.training.loss import TokenLoss, cross_entropy, make_labels
 from dvl_jax.training.optimizer import OptimizerConfig, make_optimizer, trainable_mask
+from dvl_jax.training.state import TrainState, abstract_train_state, shardings_of
 
 TOWERS = ("vision_model", "high_res_vision_model")  # SigLIP, SAM: the params behind `frozen_towers`
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step changes, passed in and returned.
-
-  Attributes:
-    step: int32 [], optimizer steps taken (the learning-rate schedule's position).
-    params: the model's params, float32 master weights.
-    opt_state: the optimizer's state (moments of the trained params only).
-  """
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-@flax.struct.dataclass
-class Batch:
-  """A batch as the model takes it; every field is an array with B rows first, or None.
-
-  Attributes:
-    input_ids: int [B, T], each image as `tokens_per_image` consecutive image tokens.
-    attention_mask: [B, T], 1 for real tokens (left or right padding).
-    labels: int [B, T] aligned with input_ids, -100 where nothing is learned (make_labels); None: made from
-      the ids, the mask and `loss_mask`.
-    loss_mask: [B, T], 1 for the tokens to learn (used only without labels); None: every real text token.
-    positions: int [B, T] RoPE positions; None: from the attention mask (cumsum - 1).
-    pixel_values: [B, N, S, S, 3] normalised images, N slots per row; None: text only.
-    high_res_pixel_values: [B, N, S', S', 3], the same images for SAM (hybrid model only).
-  """
-
-  input_ids: jax.Array
-  attention_mask: jax.Array
-  labels: jax.Array | None = None
-  loss_mask: jax.Array | None = None
-  positions: jax.Array | None = None
-  pixel_values: jax.Array | None = None
-  high_res_pixel_values: jax.Array | None = None
-
-
-def init_train_state(params: Any, optimizer: OptimizerConfig) -> TrainState:
-  """Step 0, `params` as given (keep them float32), and the optimizer's fresh state."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=make_optimizer(optimizer, params).init(params))
 
 
 def loss_fn(params: Any, batch: Batch, module: DeepseekVL, *, chunk_size: int | None = 512,
@@ -114,15 +80,6 @@ def loss_fn(params: Any, batch: Batch, module: DeepseekVL, *, chunk_size: int | 
 def towers_frozen(mask: Any) -> bool:
   """Whether no param of SigLIP or SAM is trained, given a trainable_mask."""
   return not any(any(jax.tree.leaves(mask[t])) for t in TOWERS if t in mask)
-
-
-def split_microbatches(batch: Batch, microbatches: int) -> Batch:
-  """[B, ...] -> [M, B / M, ...] on every field: microbatch i holds rows i * B/M to (i + 1) * B/M - 1."""
-  rows = batch.input_ids.shape[0]
-  if microbatches < 1 or rows % microbatches:
-    raise ValueError(f"The batch has {rows} rows, which do not split into microbatches={microbatches} equal "
-                     "parts: give a batch whose rows are a multiple of microbatches (or change microbatches).")
-  return jax.tree.map(lambda x: x.reshape(microbatches, rows // microbatches, *x.shape[1:]), batch)
 
 
 def _split(params: Any, mask: Any) -> tuple[list, list, Callable[[list, list], Any]]:
@@ -171,6 +128,7 @@ def loss_and_grads(params: Any, batch: Batch, module: DeepseekVL, mask: Any = No
   else:
     def body(carry, mb):
       total, count, grads = carry
+      mb = jax.tree.map(lambda x: sharding.constrain(x, ("batch",)), mb)  # each device: its own rows
       (s, c), g = grad_fn(trained, mb)
       return (total + s, count + c, jax.tree.map(jnp.add, grads, g)), None
 
@@ -216,8 +174,27 @@ def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, optimizer
 
 
 def jit_train_step(module: DeepseekVL, optimizer: OptimizerConfig, *, microbatches: int = 1,
-                   chunk_size: int | None = 512) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """`train_step` for this module and optimizer, jitted, the state donated (its buffers are reused)."""
+                   chunk_size: int | None = 512,
+                   plan: ShardingPlan | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """`train_step` for this module and optimizer, jitted, the state donated (its buffers are reused).
+
+  With a plan, the step runs over its mesh: the state in and out laid out as `abstract_train_state(config, plan,
+  optimizer)` (build it with `init_train_state(params, optimizer, like=...)`), the batch's rows split over the
+  batch axes (`place_batch(plan, batch, microbatches=...)`), the model's activations constrained by the plan's
+  rules; the metrics replicated. `module` must hold the vocabulary as the plan pads it (`Model(..., plan=plan)
+  .module`).
+  """
   step = functools.partial(train_step, module=module, optimizer=optimizer, microbatches=microbatches,
                            chunk_size=chunk_size)
-  return jax.jit(step, donate_argnums=0)
+  if plan is None:
+    return jax.jit(step, donate_argnums=0)
+  vocab = module.config.text.vocab_size
+  rows, want = module.padded_vocab_size or vocab, plan.padded_vocab_size(vocab)
+  if rows != want:
+    raise ValueError(f"The module holds {rows} vocabulary rows; under {plan} the model holds {want} (the vocabulary "
+                     f"padded to divide over its shards). Use the module of `Model(config, params, plan=plan)`, "
+                     f"or DeepseekVL(config, padded_vocab_size={want if want != vocab else None}).")
+  state = shardings_of(abstract_train_state(module.config, plan, optimizer))
+  replicated = NamedSharding(plan.mesh, PartitionSpec())
+  return plan.jit(step, in_shardings=(state, batch_sharding(plan)), out_shardings=(state, replicated),
+                  donate_argnums=0)

@@ -14,7 +14,7 @@ from dvl_jax.convert.keymap import get_path, hf_to_target, to_target_layout
 from dvl_jax.nn.vlm import DeepseekVL
 from dvl_jax.training import (Batch, OptimizerConfig, init_train_state, jit_train_step, loss_and_grads, loss_fn,
                               make_labels, paper_config, trainable_mask)
-from dvl_jax.training.step import split_microbatches
+from dvl_jax.training.batch import split_microbatches
 from reference import converted, hf_hybrid_model, max_rel_err, random_inputs, to_torch_images
 
 IMAGES = [1, 2]  # both rows hold images; row 0 is left-padded
