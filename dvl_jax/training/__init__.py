@@ -18,6 +18,7 @@ Over a mesh: the state in its shards (state.py: abstract_train_state), the batch
 
 from dvl_jax.training import schedules
 from dvl_jax.training.batch import Batch, place_batch, split_microbatches
+from dvl_jax.training.flops import StepFlops, TrainedParts, hlo_matmul_flops, train_step_flops
 from dvl_jax.training.loss import (IGNORE, TokenLoss, cross_entropy, cross_entropy_plain, make_labels,
                                    next_token_targets)
 from dvl_jax.training.optimizer import (STAGES, OptimizerConfig, make_optimizer, paper_config, param_labels,
@@ -25,7 +26,8 @@ from dvl_jax.training.optimizer import (STAGES, OptimizerConfig, make_optimizer,
 from dvl_jax.training.state import TrainState, abstract_train_state, init_train_state
 from dvl_jax.training.step import jit_train_step, loss_and_grads, loss_fn, train_step
 
-__all__ = ["IGNORE", "STAGES", "Batch", "OptimizerConfig", "TokenLoss", "TrainState", "abstract_train_state",
+__all__ = ["IGNORE", "STAGES", "Batch", "OptimizerConfig", "StepFlops", "TokenLoss", "TrainState", "TrainedParts",
+           "abstract_train_state", "hlo_matmul_flops", "train_step_flops",
            "cross_entropy", "cross_entropy_plain", "init_train_state", "jit_train_step", "loss_and_grads", "loss_fn",
            "make_labels", "make_optimizer", "next_token_targets", "paper_config", "param_labels", "place_batch",
            "schedules", "split_microbatches", "train_step", "trainable_mask"]
