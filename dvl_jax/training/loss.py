@@ -133,11 +133,12 @@ def cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, vocab
                   chunk_size: int | None = 512) -> TokenLoss:
   """Summed next-token cross-entropy over the supervised positions, and their count.
 
-  The positions are cut into chunks of `chunk_size` (the last chunk padded with ignored positions) and a
-  `lax.scan` computes each chunk's logits [B, C, V], its float32 logsumexp and its sum; `jax.checkpoint`
-  recomputes a chunk's logits in the backward pass rather than keeping them all. Chunks run along the
-  sequence with the whole batch in each, so a batch split over devices stays split (every device works on
-  each chunk of its own rows); the memory of one chunk is B * chunk_size * V * 4 bytes per device's B rows.
+  The positions are cut into the fewest chunks of at most `chunk_size` (equal chunks, the last padded with
+  ignored positions) and a `lax.scan` computes each chunk's logits [B, C, V], its float32 logsumexp and its
+  sum; `jax.checkpoint` recomputes a chunk's logits in the backward pass rather than keeping them all. Chunks
+  run along the sequence with the whole batch in each, so a batch split over devices stays split (every device
+  works on each chunk of its own rows); the memory of one chunk is at most B * chunk_size * V * 4 bytes per
+  device's B rows.
 
   Args:
     hidden: [B, T, D] the decoder's final normed hidden states (DeepseekVL.hidden_states), any float dtype;
@@ -159,12 +160,13 @@ def cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, vocab
     raise ValueError(f"chunk_size must be a positive number of positions or None (no chunks); got {chunk_size}.")
   targets = next_token_targets(labels)  # [B, T]
   count = jnp.sum(targets != IGNORE, dtype=jnp.int32)
-  n = -(-t // chunk_size)
-  pad = n * chunk_size - t
+  n = -(-t // chunk_size)  # the fewest chunks of at most chunk_size positions
+  c = -(-t // n)  # their size, as even as can be: 608 positions in chunks of 512 run as 2 x 304, not 2 x 512
+  pad = n * c - t  # < n positions of padding, not up to chunk_size - 1 (each costs a row of logits)
   hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))  # [B, n * C, D]
   targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)  # [B, n * C]
-  hidden = hidden.reshape(b, n, chunk_size, d).transpose(1, 0, 2, 3)  # [n, B, C, D]
-  targets = targets.reshape(b, n, chunk_size).transpose(1, 0, 2)  # [n, B, C]
+  hidden = hidden.reshape(b, n, c, d).transpose(1, 0, 2, 3)  # [n, B, C, D]
+  targets = targets.reshape(b, n, c).transpose(1, 0, 2)  # [n, B, C]
 
   @jax.checkpoint
   def chunk(h: jax.Array, y: jax.Array) -> jax.Array:

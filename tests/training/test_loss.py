@@ -14,6 +14,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from dvl_jax.generate import positions_from_mask
 from dvl_jax.nn.vlm import DeepseekVL
 from dvl_jax.training.loss import IGNORE, TokenLoss, cross_entropy, cross_entropy_plain, make_labels
+from dvl_jax.training.flops import hlo_matmul_flops
 from reference import IMAGE_TOKEN_ID, max_rel_err, random_inputs, to_torch_images
 
 IMAGES = [1, 2]  # both rows hold images; row 0 is left-padded
@@ -207,3 +208,13 @@ def test_chunks_cut_the_peak_memory_of_a_4096_token_row():
   # With gradients, the chunked loss keeps one [V, D] float32 gradient accumulator (800 MiB) beside a chunk.
   assert sizes["plain"][1] > 3 * sizes["chunked"][1]
   assert sizes["chunked"][1] < (v * d + 3 * b * chunk * v) * 4
+
+
+def test_chunks_are_even_so_no_logits_are_padded():
+  # 608 positions in chunks of at most 512 run as 2 x 304: the compiled loss and gradient multiply 608 positions'
+  # hidden states by lm_head four times (forward, the checkpointed chunk's recompute, two gradients), not 1,024.
+  b, t, d, v = 1, 608, 8, 32
+  labels = jnp.ones((b, t), jnp.int32)
+  f = jax.jit(jax.value_and_grad(lambda h, k: cross_entropy(h, k, labels, chunk_size=512).mean, (0, 1)))
+  compiled = f.lower(jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((v, d), jnp.float32)).compile()
+  assert hlo_matmul_flops(compiled.as_text()) == 4 * 2 * b * t * d * v
