@@ -120,7 +120,7 @@ def run_jax(ckpt: str, args) -> dict:
   matmul = jax.jit(lambda a: a @ a)
   rate = matmul_rate(lambda a: matmul(a).block_until_ready(), jnp.ones((4096, 4096), jnp.float32))
   model = dvl_jax.load(ckpt)
-  module = DeepseekVL(model.config.replace(dtype=args.dtype), remat_policy=args.remat)
+  module = DeepseekVL(model.config.replace(dtype=args.dtype).with_attention(args.attention), remat_policy=args.remat)
   optimizer = optimizer_config(args.steps)
   state = init_train_state(jax.tree.map(jnp.array, model.params), optimizer)  # float32 master weights
   del model
@@ -197,6 +197,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5, help="timed steps, after one warm-up step")
   parser.add_argument("--remat", default="none", help="dvl_jax's remat policy (dvl_jax/nn/remat.py)")
   parser.add_argument("--microbatches", type=int, default=1, help="dvl_jax's gradient accumulation steps")
+  parser.add_argument("--attention", default="auto", help="dvl_jax's attention implementation (cpu, xla, ...)")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                       help="compute dtype (params stay float32; torch: autocast)")
   parser.add_argument("--no-torch", action="store_true", help="time dvl_jax only")

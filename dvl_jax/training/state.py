@@ -69,6 +69,22 @@ def _check_shapes(params: Any, like: Any) -> None:
                      "`Model(config, params, plan=plan).params` first (it pads the vocabulary as the plan needs).")
 
 
+def _on_params_device(state: TrainState) -> TrainState:
+  """The whole state on its params' one device, every array with the same replicated sharding.
+
+  Params from a `Model` are committed to its one-device mesh with specs like P(None, None), while a jitted
+  step returns every array as P() and the step count, made here, is uncommitted: the second step's inputs would
+  differ from the first's in sharding, and the step would compile twice (a minute at 1.3B). Params laid out
+  over several devices are left as they are (`init_train_state(..., like=...)` handles those)."""
+  leaf = next((x for x in jax.tree.leaves(state.params) if isinstance(x, jax.Array) and x.committed), None)
+  if leaf is None or len(leaf.sharding.device_set) > 1:
+    return state
+  sharding = leaf.sharding
+  if isinstance(sharding, NamedSharding):
+    sharding = NamedSharding(sharding.mesh, PartitionSpec())
+  return jax.device_put(state, sharding)
+
+
 def init_train_state(params: Any, optimizer: OptimizerConfig, like: TrainState | None = None) -> TrainState:
   """Step 0, `params` as given (keep them float32), and the optimizer's fresh state.
 
@@ -80,7 +96,8 @@ def init_train_state(params: Any, optimizer: OptimizerConfig, like: TrainState |
   """
   tx = make_optimizer(optimizer, params)
   if like is None:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return _on_params_device(TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                             opt_state=tx.init(params)))
   if jax.tree.structure(params) != jax.tree.structure(like.params):
     raise ValueError("The params' tree is not the model's under this plan (abstract_train_state's): did they come "
                      "from another config?")
