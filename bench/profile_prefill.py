@@ -65,6 +65,27 @@ def exclusive_ms(events: list[dict], key) -> dict[str, float]:
   return out
 
 
+def report(title: str, events: list[dict], lines: dict[str, str], group_of, top: int) -> None:
+  """Print the traced ops' wall time by group (a markdown table) and the `top` ops, for `lines`' module."""
+  by_group = exclusive_ms(events, lambda e: group_of(e["name"]))
+  by_op = exclusive_ms(events, lambda e: e["name"])
+  total = sum(by_group.values())
+  if not total:
+    sys.exit(f"{title}: no traced op belongs to the dumped module; was the step compiled inside the trace?")
+  print(f"{title}: {total / 1e3:.2f} s in traced ops")
+  print("| group | ms | share |\n|---|---:|---:|")
+  small = 0.0
+  for name, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
+    if ms < total / 200:
+      small += ms
+    else:
+      print(f"| {name} | {ms:.0f} | {100 * ms / total:.1f}% |")
+  print(f"| everything under 0.5% each | {small:.0f} | {100 * small / total:.1f}% |")
+  print(f"\nTop {top} ops:")
+  for name, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"{ms:9.1f} ms  {lines[name][:160]}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=8)
@@ -97,21 +118,8 @@ def main() -> None:
   lines = hlo_lines(dump)
   events = [e for e in json.loads(data)["traceEvents"] if e.get("ph") == "X" and e["name"] in lines]
   rows = {args.batch * 576, args.batch * dvl_jax.generate.bucket_length(576 + args.text_tokens)}
-  by_group = exclusive_ms(events, lambda e: group(e["name"], lines[e["name"]], rows))
-  by_op = exclusive_ms(events, lambda e: e["name"])
-  total = sum(by_group.values())
-  print(f"prefill, batch {args.batch}, {576 + args.text_tokens}-token prompts: {total / 1e3:.2f} s in traced ops")
-  print("| group | ms | share |\n|---|---:|---:|")
-  small = 0.0
-  for name, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
-    if ms < total / 200:
-      small += ms
-    else:
-      print(f"| {name} | {ms:.0f} | {100 * ms / total:.1f}% |")
-  print(f"| everything under 0.5% each | {small:.0f} | {100 * small / total:.1f}% |")
-  print(f"\nTop {args.top} ops:")
-  for name, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:args.top]:
-    print(f"{ms:9.1f} ms  {lines[name][:160]}")
+  report(f"prefill, batch {args.batch}, {576 + args.text_tokens}-token prompts", events, lines,
+         lambda name: group(name, lines[name], rows), args.top)
 
 
 if __name__ == "__main__":

@@ -81,23 +81,8 @@ def main() -> None:
   lines = max(modules, key=lambda m: sum(e["name"] in m for e in traced))
   events = [e for e in traced if e["name"] in lines]
   print(f"HLO and trace kept in {profile_prefill.DUMP}")
-  by_group = profile_prefill.exclusive_ms(events, lambda e: group(e["name"], lines[e["name"]]))
-  by_op = profile_prefill.exclusive_ms(events, lambda e: e["name"])
-  total = sum(by_group.values())
-  print(f"train step, batch {args.batch} x 608 tokens, attention {args.attention!r}, remat {args.remat!r}: "
-        f"{total / 1e3:.2f} s in traced ops")
-  print("| group | ms | share |\n|---|---:|---:|")
-  small = 0.0
-  for name, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
-    if ms < total / 200:
-      small += ms
-    else:
-      print(f"| {name} | {ms:.0f} | {100 * ms / total:.1f}% |")
-  print(f"| everything under 0.5% each | {small:.0f} | {100 * small / total:.1f}% |")
-  print(f"\nTop {args.top} ops:")
-  for name, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:args.top]:
-    print(f"{ms:9.1f} ms  {lines[name][:160]}")
-
+  title = f"train step, batch {args.batch} x 608 tokens, attention {args.attention!r}, remat {args.remat!r}"
+  profile_prefill.report(title, events, lines, lambda name: group(name, lines[name]), args.top)
 
 if __name__ == "__main__":
   main()
