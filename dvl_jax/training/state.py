@@ -69,6 +69,14 @@ def _check_shapes(params: Any, like: Any) -> None:
                      "`Model(config, params, plan=plan).params` first (it pads the vocabulary as the plan needs).")
 
 
+def _committed(x: Any) -> bool:
+  """Whether x is an array committed to its devices; False for anything else (a tracer, under jit, included)."""
+  try:
+    return isinstance(x, jax.Array) and x.committed
+  except jax.errors.ConcretizationTypeError:  # a traced array has no placement yet
+    return False
+
+
 def _on_params_device(state: TrainState) -> TrainState:
   """The whole state on its params' one device, every array with the same replicated sharding.
 
@@ -76,7 +84,7 @@ def _on_params_device(state: TrainState) -> TrainState:
   step returns every array as P() and the step count, made here, is uncommitted: the second step's inputs would
   differ from the first's in sharding, and the step would compile twice (a minute at 1.3B). Params laid out
   over several devices are left as they are (`init_train_state(..., like=...)` handles those)."""
-  leaf = next((x for x in jax.tree.leaves(state.params) if isinstance(x, jax.Array) and x.committed), None)
+  leaf = next((x for x in jax.tree.leaves(state.params) if _committed(x)), None)
   if leaf is None or len(leaf.sharding.device_set) > 1:
     return state
   sharding = leaf.sharding
