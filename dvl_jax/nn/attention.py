@@ -40,6 +40,17 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   return x * cos + rotated * sin
 
 
+def segment_positions(segments: jax.Array) -> jax.Array:
+  """RoPE positions that restart at each segment: int [B, T] segment ids (0 padding; a row of 1s and 0s is one
+  segment) -> int32 [B, T], 0 at each segment's first token, 1 at padding (as `generate.positions_from_mask`).
+  For a left-padded batch this is cumsum(mask) - 1; for a packed row, each sample counts from 0."""
+  segments = segments.astype(jnp.int32)
+  t = jnp.arange(segments.shape[1], dtype=jnp.int32)
+  previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = jax.lax.cummax(jnp.where(segments != previous, t, 0), axis=1)  # [B, T]: where each run began
+  return jnp.where(segments == 0, 1, t - starts)
+
+
 def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
   """Which cache slots each query may attend: the ones at or before its own slot that hold real tokens.
 

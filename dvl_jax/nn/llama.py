@@ -136,7 +136,8 @@ class LlamaDecoder(nn.Module):
     Args:
       x: input embeddings [B, T, D].
       positions: int [B, T], RoPE positions (for a left-padded batch: cumsum(attention_mask) - 1).
-      attention_mask: [B, T], 1 for real tokens, 0 for padding.
+      attention_mask: [B, T], 1 for real tokens, 0 for padding; without a cache (training), a packed row's
+        segment ids: each sample its own id (1, 2, ...), padding 0, and a token attends only its own sample's.
       cache: None for a plain forward (tokens attend only to each other, causally); otherwise the tokens
         are written at slots [cache.end, cache.end + T) and attend to everything written before (for an
         empty cache, only to each other, as without one).
@@ -161,13 +162,16 @@ class LlamaDecoder(nn.Module):
     t = x.shape[1]
     new_only = cache is None or cache.empty  # the tokens attend only to each other
     write_index = jnp.zeros((), jnp.int32) if new_only else cache.end
-    valid = attention_mask.astype(bool)  # [B, T]
+    segments = attention_mask.astype(jnp.int32)  # [B, T]: 0 padding, else the token's segment (1 unpacked)
+    valid = segments != 0
     if cache is not None:
       cache_valid = constrain(lax.dynamic_update_slice(cache.valid, valid, (0, write_index)), ("batch", "cache_seq"))
-    # [B, T, T] among the new tokens, or [B, T, S] over the whole cache
-    mask = causal_mask(jnp.arange(t), valid) if new_only else causal_mask(write_index + jnp.arange(t), cache_valid)
-    # The same mask for splash: padding (id 0) attends only padding, real tokens (id 1) only real ones.
-    segment_ids = SegmentIds(valid.astype(jnp.int32), valid.astype(jnp.int32)) if new_only else None
+    if new_only:  # [B, T, T]: causal, within each segment (a packed row's samples do not see each other)
+      mask = causal_mask(jnp.arange(t), valid) & (segments[:, :, None] == segments[:, None, :])
+      # The same mask for splash: each token attends its own segment's; padding (id 0) only padding.
+      segment_ids = SegmentIds(segments, segments)
+    else:  # [B, T, S] over the whole cache
+      mask, segment_ids = causal_mask(write_index + jnp.arange(t), cache_valid), None
     sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
     x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
     new_k, new_v = [], []

@@ -49,13 +49,14 @@ def make_labels(input_ids: jax.Array, attention_mask: jax.Array, image_token_id:
                 loss_mask: jax.Array | None = None) -> jax.Array:
   """The labels for `cross_entropy`: the token ids where a token is a target, IGNORE elsewhere.
 
-  A token is a target when it is a real token (attention_mask 1), is not an image token, is marked by
-  `loss_mask` (if given), and follows a real token (the first token of a row has nothing to be predicted from,
-  whatever padding precedes it).
+  A token is a target when it is a real token (attention_mask not 0), is not an image token, is marked by
+  `loss_mask` (if given), and follows a token of its own segment (the first token of a row, or of a packed
+  sample, has nothing to be predicted from: not the padding before it, nor the previous sample).
 
   Args:
     input_ids: int [B, T].
-    attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right).
+    attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right); or a packed row's segment ids
+      (each sample its own id, padding 0).
     image_token_id: the id whose positions carry image features; never a target.
     loss_mask: optional [B, T], 1 for the tokens to learn, e.g. in SFT the assistant's answers and their EOS
       (system and user turns 0); None: every real text token.
@@ -65,9 +66,9 @@ def make_labels(input_ids: jax.Array, attention_mask: jax.Array, image_token_id:
   if attention_mask.shape != input_ids.shape or (loss_mask is not None and loss_mask.shape != input_ids.shape):
     raise ValueError(f"input_ids {input_ids.shape}, attention_mask {attention_mask.shape} and loss_mask "
                      f"{None if loss_mask is None else loss_mask.shape} must have one shape [B, T].")
-  real = attention_mask.astype(bool)  # [B, T]
-  after_real = jnp.pad(real[:, :-1], ((0, 0), (1, 0)))  # [B, T]: the previous position is a real token
-  keep = real & after_real & (input_ids != image_token_id)
+  segments = attention_mask.astype(jnp.int32)  # [B, T]
+  previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)))  # [B, T]: the previous position's segment (0 first)
+  keep = (segments != 0) & (previous == segments) & (input_ids != image_token_id)
   if loss_mask is not None:
     keep &= loss_mask.astype(bool)
   return jnp.where(keep, input_ids, IGNORE).astype(jnp.int32)

@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dvl_jax import sharding
-from dvl_jax.generate import positions_from_mask
+from dvl_jax.nn.attention import segment_positions
 from dvl_jax.nn.vlm import DeepseekVL
 from dvl_jax.sharding import ShardingPlan
 from dvl_jax.training.batch import Batch, batch_sharding, split_microbatches
@@ -66,7 +66,7 @@ def loss_fn(params: Any, batch: Batch, module: DeepseekVL, *, chunk_size: int | 
   if batch.labels is not None and batch.loss_mask is not None:
     raise ValueError("Give a Batch labels or loss_mask, not both: labels already say which tokens are learned "
                      "(make_labels(ids, mask, image_token_id, loss_mask) turns a loss_mask into labels).")
-  positions = positions_from_mask(batch.attention_mask) if batch.positions is None else batch.positions
+  positions = segment_positions(batch.attention_mask) if batch.positions is None else batch.positions
   hidden = module.apply({"params": params}, batch.input_ids, batch.attention_mask, positions, batch.pixel_values,
                         batch.high_res_pixel_values, frozen_towers=frozen_towers,
                         method=DeepseekVL.hidden_states)  # [B, T, D]

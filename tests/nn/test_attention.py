@@ -8,7 +8,9 @@ from transformers.models.llama.modeling_llama import (LlamaConfig as HFLlamaConf
                                                       apply_rotary_pos_emb, repeat_kv)
 
 from dvl_jax.nn import attention
-from dvl_jax.nn.attention import apply_rope, causal_blocks, causal_mask, dot_product_attention, rope_sin_cos
+from dvl_jax.generate import positions_from_mask
+from dvl_jax.nn.attention import (apply_rope, causal_blocks, causal_mask, dot_product_attention, rope_sin_cos,
+                                  segment_positions)
 from reference import max_rel_err
 
 RNG = np.random.default_rng(0)
@@ -89,3 +91,11 @@ def test_attention_without_mask(budget, monkeypatch):
   ref = torch.nn.functional.scaled_dot_product_attention(
       torch.tensor(q).transpose(1, 2), torch.tensor(k), torch.tensor(v)).transpose(1, 2).numpy()
   assert max_rel_err(np.asarray(ours), ref) < 1e-5
+
+
+def test_segment_positions_restart_per_sample_and_equal_the_padded_batch_rule():
+  packed = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(segment_positions(jnp.asarray(packed)),
+                                [[0, 1, 2, 0, 1, 0, 1, 1], [0, 1, 2, 3, 4, 5, 6, 7]])
+  left_padded = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(segment_positions(jnp.asarray(left_padded)), positions_from_mask(left_padded))

@@ -105,15 +105,21 @@ def test_xla_equals_cpu_for_sam_relative_position_attention(size):
 
 
 def test_splash_equals_cpu_in_pallas_interpret_mode():
-  """The TPU kernel run by Pallas' interpreter on CPU: a causal prefill with left padding (as segment ids) and
-  GQA; equal outputs on the real queries, equal gradients, and finite values on the padding ones (which attend
-  the padding before them: no row of the kernel is empty)."""
-  b, t = 2, 128
-  q, k, v, mask, valid = _decoder_case(b, t, t, 0, pad=7, written=t)
-  ids = jnp.asarray(valid, jnp.int32)
-  keep = valid[:, :, None, None]
+  """The TPU kernel run by Pallas' interpreter on CPU: a causal prefill of packed rows (segment ids: three
+  samples in row 0; left padding, then two samples in row 1) and GQA, against the CPU path with the dense mask
+  written out here: equal outputs on the real queries, equal gradients, and finite values on the padding ones
+  (which attend the padding before them: no row of the kernel is empty)."""
+  t = 128
+  segments = np.zeros((2, t), np.int32)
+  segments[0] = [1] * 50 + [2] * 40 + [3] * 38
+  segments[1, 7:] = [1] * 60 + [2] * 61
+  mask = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)  # [B, T, S]; causal: attend
+  q, k, v = _normal(2, t, 4, 8), _normal(2, 2, t, 8), _normal(2, 2, t, 8)
+  keep = (segments != 0)[:, :, None, None]
   weights = _normal(*q.shape) * keep
-  cpu = _value_and_grads(functools.partial(attend, mask=mask, impl="cpu", causal=True), (q, k, v), weights)
+  cpu = _value_and_grads(functools.partial(attend, mask=jnp.asarray(mask), impl="cpu", causal=True), (q, k, v),
+                         weights)
+  ids = jnp.asarray(segments)
   splash = functools.partial(splash_attention, segment_ids=SegmentIds(ids, ids), causal=True, interpret=True)
   out, grads = _value_and_grads(splash, (q, k, v), weights)
   assert all(np.isfinite(x).all() for x in (out, *grads))

@@ -59,6 +59,13 @@ def test_make_labels_masks_padding_images_prompts_and_the_first_token():
   np.testing.assert_array_equal(labels, _reference_labels(ids, mask, loss_mask))
 
 
+def test_make_labels_of_a_packed_row_never_predicts_a_sample_from_the_one_before():
+  ids = np.array([[20, 21, 22, 30, 31, 40, 41, 1]])
+  segments = np.array([[1, 1, 1, 2, 2, 3, 3, 0]])  # three samples, then padding
+  labels = make_labels(jnp.asarray(ids), jnp.asarray(segments), IMAGE_TOKEN_ID)
+  np.testing.assert_array_equal(labels, [[-100, 21, 22, -100, 31, -100, 41, -100]])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [None, 5], ids=["plain", "chunked"])
 def test_loss_equals_transformers_on_a_left_padded_batch_with_images(models, chunk_size):
