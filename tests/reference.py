@@ -288,6 +288,16 @@ def write_original_layout(hf_dir: str, out_dir: str, dtype: torch.dtype | None =
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
+def user(*items):
+  """A transformers-format user message: items ending in .png are image paths, the others text."""
+  return {"role": "user", "content": [{"type": "image", "path": x} if x.endswith(".png") else {"type": "text", "text": x}
+                                      for x in items]}
+
+
+def assistant(text):
+  return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
 def chat_template() -> str:
   with open(os.path.join(DATA, "deepseek_chat_template.jinja"), encoding="utf-8") as f:
     return f.read().rstrip("\n")

@@ -123,6 +123,16 @@ class Tokenizer:
         ids = ids + [self.eos_token_id]
     return ids
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """Text -> (ids, the character offset in `text` where each token starts), no special tokens added: what a
+    training pipeline needs to mark which tokens came from which part of a rendered conversation."""
+    if self._tok is None:
+      raise ValueError("Token offsets need the fast tokenizer (tokenizer.json); this tokenizer is a sentencepiece "
+                       "model. Convert it with transformers (AutoTokenizer.from_pretrained(...).save_pretrained) to "
+                       "get a tokenizer.json.")
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return encoding.ids, [start for start, _ in encoding.offsets]
+
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     ids = list(ids)
     if any(np.ndim(i) for i in ids):

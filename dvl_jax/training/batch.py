@@ -27,11 +27,12 @@ class Batch:
 
   Attributes:
     input_ids: int [B, T], each image as `tokens_per_image` consecutive image tokens.
-    attention_mask: [B, T], 1 for real tokens (left or right padding).
+    attention_mask: [B, T], 1 for real tokens (left or right padding); or, for packed rows, segment ids: each
+      sample its own id 1, 2, ..., padding 0 (a token attends, and is predicted from, its own sample only).
     labels: int [B, T] aligned with input_ids, -100 where nothing is learned (make_labels); None: made from
       the ids, the mask and `loss_mask`.
     loss_mask: [B, T], 1 for the tokens to learn (used only without labels); None: every real text token.
-    positions: int [B, T] RoPE positions; None: from the attention mask (cumsum - 1).
+    positions: int [B, T] RoPE positions; None: from the attention mask, restarting at each segment.
     pixel_values: [B, N, S, S, 3] normalised images, N slots per row; None: text only.
     high_res_pixel_values: [B, N, S', S', 3], the same images for SAM (hybrid model only).
   """
@@ -76,11 +77,16 @@ def place_batch(plan: ShardingPlan, batch: Batch, *, microbatches: int = 1, rows
   `microbatches`, the same in every process. The padding rows' labels are IGNORE (a batch without labels or
   loss_mask gets a loss_mask of ones for its real rows, zeros for the padding), so they change nothing.
 
+  The processes also agree on the row length and the image slots, each taking the longest: a process whose
+  rows are shorter is padded at the end (padding tokens: segment 0, not learned), one with fewer slots gets empty
+  ones. Two processes in padding mode may well bucket the same step to different lengths.
+
   Args:
     plan: the ShardingPlan of the train step.
     batch: a Batch of this process's B rows.
     microbatches: the train step's; the rows of each process become a multiple of its batch shards times this.
-    rows: the padded row count of each process, already agreed (a multiple of the above); None: agreed here.
+    rows: the padded row count of each process, already agreed (a multiple of the above), with the row length
+      and image slots the same in every process; None: all agreed here.
   Returns:
     A Batch of global jax.Arrays, axis 0 split over the plan's batch axes.
   """
@@ -89,12 +95,32 @@ def place_batch(plan: ShardingPlan, batch: Batch, *, microbatches: int = 1, rows
     arrays["loss_mask"] = np.ones(np.shape(arrays["input_ids"]), np.int32)
   multiple = plan.batch_multiple() * microbatches
   if rows is None:
-    rows = -(-plan.agree_batch(batch.rows)[0] // multiple) * multiple
+    pixels = arrays["pixel_values"]
+    rows, length, slots = plan.agree_batch(batch.rows, np.shape(batch.input_ids)[1],
+                                           0 if pixels is None else np.shape(pixels)[1])
+    rows = -(-rows // multiple) * multiple
+    arrays = _pad_to(arrays, length, slots)
   elif rows % multiple:
     raise ValueError(f"place_batch: rows={rows} must be a multiple of {multiple} (this process's batch shards "
                      f"under {plan}, {plan.batch_multiple()}, times microbatches={microbatches}).")
   fill = {name: value for name, value in (("labels", IGNORE), ("loss_mask", 0)) if arrays[name] is not None}
   return Batch(**plan.place(arrays, rows=rows, fill=fill))
+
+
+# The value of each [B, T] field at padding positions: not attended (segment 0), not learned.
+_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE, "loss_mask": 0, "positions": 1}
+
+
+def _pad_to(arrays: dict[str, Any], length: int, slots: int) -> dict[str, Any]:
+  """Every [B, T] field padded to `length` positions, the image fields to `slots` images."""
+  out = {}
+  for name, x in arrays.items():
+    size, value = (length, _PAD_VALUES.get(name)) if name in _PAD_VALUES else (slots, 0)
+    if x is not None and np.shape(x)[1] < size:
+      x = np.asarray(x)
+      x = np.pad(x, [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    out[name] = x
+  return out
 
 
 def batch_sharding(plan: ShardingPlan) -> Any:

@@ -11,18 +11,9 @@ import torch
 import dvl_jax
 from dvl_jax.convert import convert_checkpoint
 from dvl_jax.processing import Processor
-from reference import DATA, EOS, IMAGE, hf_processor, max_rel_err
+from reference import DATA, EOS, IMAGE, assistant, hf_processor, max_rel_err, user
 
 DOG, CHART, LOGO, APP = (os.path.join(DATA, n) for n in ("dog_a.png", "chart.png", "logo.png", "app.png"))
-
-
-def user(*items):
-  return {"role": "user", "content": [{"type": "image", "path": x} if x.endswith(".png") else {"type": "text", "text": x}
-                                      for x in items]}
-
-
-def assistant(text):
-  return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 CONVERSATIONS = {

@@ -1,0 +1,148 @@
+"""Data files as random-access sequences of records, for grain.MapDataset.source: `records[i]` is the i-th
+record, read on demand, so that shuffling, mixing and slicing over processes and workers read nothing they do
+not use.
+
+- JSON lines (.jsonl, .ndjson): the byte offset of each non-blank line is found once (one pass over the file);
+  a line is parsed when it is read, so a malformed line is one bad record, named by its line number.
+- A JSON list (.json): parsed whole when opened (such files are small: LLaVA's SFT sets); record i is item i.
+- Parquet (.parquet): one row group at a time, through pyarrow; a row is a dict of its columns.
+
+A record that cannot be parsed comes back as a Record with an `error`: the pipeline counts and skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from dvl_jax.data.config import container
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One record of a data file.
+
+  Attributes:
+    where: "file:line" (JSON lines), "file[i]" (a JSON list) or "file:row i" (Parquet).
+    value: the parsed record (a dict, when the file is well formed), or None with `error`.
+    error: why the record could not be read, or None.
+  """
+
+  where: str
+  value: Any = None
+  error: str | None = None
+
+
+def open_records(path: str):
+  """The records of a data file, by its extension. Raises FileNotFoundError for a missing file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Data file {path!r} does not exist{' (it is a directory)' if os.path.isdir(path) else ''}"
+                            "; check the source's path (relative paths start from the working directory).")
+  kind = container(path)
+  return {".jsonl": JsonLines, ".json": JsonList, ".parquet": ParquetRows}[kind](path)
+
+
+class JsonLines:
+  """A JSON-lines file: record i is its i-th non-blank line."""
+
+  def __init__(self, path: str):
+    self.path = path
+    starts, sizes, lines = [], [], []
+    with open(path, "rb") as f:
+      offset = 0
+      for number, line in enumerate(f, 1):
+        if line.strip():
+          starts.append(offset)
+          sizes.append(len(line))
+          lines.append(number)
+        offset += len(line)
+    self._starts, self._sizes, self._lines = (np.asarray(x, np.int64) for x in (starts, sizes, lines))
+    self._fd: int | None = None  # opened in the process that reads (grain's workers get this object pickled)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _fd=None, _lock=threading.Lock())
+
+  def __getitem__(self, i: int) -> Record:
+    with self._lock:
+      if self._fd is None:
+        self._fd = os.open(self.path, os.O_RDONLY)
+    # pread: no shared file position, so grain's reader threads can read at once.
+    raw = os.pread(self._fd, int(self._sizes[i]), int(self._starts[i]))
+    where = f"{self.path}:{int(self._lines[i])}"
+    try:
+      return Record(where, json.loads(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      return Record(where, error=f"malformed JSON: {e}")
+
+
+class JsonList:
+  """A file holding one JSON list of records (LLaVA's format): record i is item i."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      with open(path, encoding="utf-8") as f:
+        items = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"Data file {path!r} is not valid JSON ({e}). A .json source holds one list of records; "
+                       "for one record a line, name the file .jsonl.") from e
+    if not isinstance(items, list):
+      raise ValueError(f"Data file {path!r} holds a JSON {type(items).__name__}; a .json source holds a list of "
+                       "records ([{...}, {...}]).")
+    self._items = items
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, i: int) -> Record:
+    return Record(f"{self.path}[{i}]", self._items[i])
+
+
+class ParquetRows:
+  """A Parquet file: record i is its i-th row, as a dict of its columns (an image column holds bytes, or
+  Hugging Face's {"bytes", "path"} struct). One row group is held in memory at a time."""
+
+  def __init__(self, path: str):
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+    self.path = path
+    try:
+      meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises ArrowInvalid and others for a file that is not Parquet
+      raise ValueError(f"Data file {path!r} is not a readable Parquet file: {e}") from e
+    counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    self._ends = np.cumsum(counts, dtype=np.int64)
+    self._group, self._table = -1, None
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ("_group", "_table", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _group=-1, _table=None, _lock=threading.Lock())
+
+  def __getitem__(self, i: int) -> Record:
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+    group = int(np.searchsorted(self._ends, i, side="right"))
+    with self._lock:  # grain reads from several threads
+      if group != self._group:
+        self._table, self._group = pq.ParquetFile(self.path).read_row_group(group), group
+      table = self._table
+    first = int(self._ends[group - 1]) if group else 0
+    return Record(f"{self.path}:row {i}", table.slice(i - first, 1).to_pylist()[0])
