@@ -78,20 +78,20 @@ class ToExample:
       return Skipped(record.where, source.name, f"unexpected {type(e).__name__}: {e}")
 
 
-def stream(config: DataConfig, processor: Processor, sources: tuple[SourceConfig, ...], *, modality: str,
-           process_index: int, process_count: int) -> grain.IterDataset:
-  """One stream of HostBatches from `sources` (a subset of config.sources), this process's share."""
-  index = {id(s): i for i, s in enumerate(config.sources)}
+def stream(config: DataConfig, processor: Processor, indices: list[int], *, modality: str, process_index: int,
+           process_count: int) -> grain.IterDataset:
+  """One stream of HostBatches from the sources config.sources[i] for i in `indices`, this process's share."""
   datasets = []
-  for source in sources:
-    i = index[id(source)]
+  for i in indices:
+    source = config.sources[i]
     ds = grain.MapDataset.source(open_records(source.path))
     if len(ds) == 0:
       raise ValueError(f"Data file {source.path!r} holds no records.")
     if config.shuffle:
       ds = ds.shuffle(seed=config.seed * 1_000_003 + i)
     datasets.append(ds.repeat().map(_Tag(i)))
-  mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, [s.weight for s in sources])
+  weights = [config.sources[i].weight for i in indices]
+  mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
   mixed = mixed[process_index::process_count]
   examples = mixed.map(ToExample(config.sources, processor, config.seq_len, config.max_images, config.overlong))
   # Grain's defaults (16 threads, 500 examples read ahead) would hold ~1 GB of float32 images per stream and
@@ -127,10 +127,10 @@ def make_dataset(config: DataConfig, processor: Processor, *, process_index: int
     raise ValueError(f"batch_size={config.batch_size} does not split over {process_count} processes: each reads "
                      "an equal share of every batch. Give a multiple of the process count.")
   kw = dict(process_index=process_index, process_count=process_count)
-  text = tuple(s for s in config.sources if s.is_text)
-  multimodal = tuple(s for s in config.sources if not s.is_text)
+  text = [i for i, s in enumerate(config.sources) if s.is_text]
+  multimodal = [i for i, s in enumerate(config.sources) if not s.is_text]
   if not config.group_by_modality or not text or not multimodal:
-    return stream(config, processor, config.sources, modality="text" if not multimodal else
+    return stream(config, processor, list(range(len(config.sources))), modality="text" if not multimodal else
                   "multimodal" if not text else "mixed", **kw)
   return ModalityIterDataset(stream(config, processor, text, modality="text", **kw),
                              stream(config, processor, multimodal, modality="multimodal", **kw),
