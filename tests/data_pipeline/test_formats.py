@@ -170,10 +170,11 @@ def test_a_missing_file_or_unknown_kind_is_an_error_before_any_work(processor, t
                  process_count=2)
 
 
-def test_data_that_leaves_nothing_to_train_on_fails_instead_of_hanging(processor, tmp_path):
+def test_data_that_leaves_nothing_to_train_on_fails_instead_of_hanging(processor, tmp_path, monkeypatch):
+  monkeypatch.setattr("dvl_jax.data.rows.MAX_SKIPPED_IN_A_ROW", 50)
   path = write_jsonl(tmp_path / "t.jsonl", ["{oops"] * 3)
   with DataIterator(DataConfig([SourceConfig(path, "text")], batch_size=1), processor, process_index=0,
                     process_count=1) as data:
-    with pytest.raises(ValueError, match=r"The last 1000 records read were all skipped.*1000 x malformed JSON"):
+    with pytest.raises(ValueError, match=r"The last 50 records read were all skipped.*50 x malformed JSON"):
       next(data)
 

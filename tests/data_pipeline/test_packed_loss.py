@@ -30,11 +30,15 @@ def models(tmp_path_factory):
   return Processor.from_pretrained(d / "dvl"), dvl_jax.load(d / "dvl"), ref
 
 
-def _alone(ids, loss_mask, pixels):
-  """One sample as a one-row Batch."""
-  n = len(ids)
-  return Batch(input_ids=ids[None], attention_mask=np.ones((1, n), np.int32), loss_mask=loss_mask[None],
-               positions=np.arange(n, dtype=np.int32)[None], pixel_values=None if not len(pixels) else pixels[None])
+def _alone(ids, loss_mask, pixels, length=512, slots=4):
+  """One sample as a one-row Batch, right-padded to `length` tokens and `slots` images (one shape for all, one
+  compile)."""
+  n, pad = len(ids), length - len(ids)
+  images = np.zeros((1, slots, *pixels.shape[1:]), np.float32)
+  images[0, :len(pixels)] = pixels
+  return Batch(input_ids=np.pad(ids, (0, pad))[None], attention_mask=np.pad(np.ones(n, np.int32), (0, pad))[None],
+               loss_mask=np.pad(loss_mask, (0, pad))[None], positions=np.pad(np.arange(n, dtype=np.int32), (0, pad))[None],
+               pixel_values=images)
 
 
 def _torch_loss_sum(ref, ids, loss_mask, pixels, image_token_id):
