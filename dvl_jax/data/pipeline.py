@@ -7,7 +7,7 @@
 
 Per stream (text, multimodal; or one stream of all sources without modality grouping):
 
-  each source: records (random access) -> shuffle (anew each epoch) -> repeat
+  each source: records (random access) -> shuffle (anew each epoch; Parquet by row groups: shuffle.py) -> repeat
   -> mix by weight (grain.MapDataset.mix)           deterministic: sample i of the mixture is fixed by the seed
   -> this process's share: samples p, p + P, ...    the union over processes is the one-process stream
   -> parse, tokenise, fit, load and preprocess images   (the costly part: in `workers` processes)
@@ -30,9 +30,10 @@ from dvl_jax.data.config import DataConfig, SourceConfig
 from dvl_jax.data.examples import Example, Overlong, make_example
 from dvl_jax.data.formats import BadRecord, Conversation, parse
 from dvl_jax.data.mixture import ModalityIterDataset
-from dvl_jax.data.records import Record, open_records
+from dvl_jax.data.records import GROUPS_PER_WINDOW, ParquetRows, Record, open_records
 from dvl_jax.data.report import SkipReport
 from dvl_jax.data.rows import RowsIterDataset, Skipped
+from dvl_jax.data.shuffle import GroupShuffleMapDataset
 from dvl_jax.processing.processor import Processor
 
 _log = logging.getLogger(__name__)
@@ -84,11 +85,15 @@ def stream(config: DataConfig, processor: Processor, indices: list[int], *, moda
   datasets = []
   for i in indices:
     source = config.sources[i]
-    ds = grain.MapDataset.source(open_records(source.path))
+    records = open_records(source.path)
+    ds = grain.MapDataset.source(records)
     if len(ds) == 0:
       raise ValueError(f"Data file {source.path!r} holds no records.")
-    if config.shuffle:
-      ds = ds.shuffle(seed=config.seed * 1_000_003 + i)
+    seed = (config.seed * 1_000_003 + i) % 2**32
+    if config.shuffle and isinstance(records, ParquetRows):  # read a row group at a time: shuffle by groups
+      ds = GroupShuffleMapDataset(ds, ends=records.ends, seed=seed, window=GROUPS_PER_WINDOW)
+    elif config.shuffle:
+      ds = ds.shuffle(seed=seed)
     datasets.append(ds.repeat().map(_Tag(i)))
   weights = [config.sources[i].weight for i in indices]
   mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)

@@ -5,13 +5,14 @@ not use.
 - JSON lines (.jsonl, .ndjson): the byte offset of each non-blank line is found once (one pass over the file);
   a line is parsed when it is read, so a malformed line is one bad record, named by its line number.
 - A JSON list (.json): parsed whole when opened (such files are small: LLaVA's SFT sets); record i is item i.
-- Parquet (.parquet): one row group at a time, through pyarrow; a row is a dict of its columns.
+- Parquet (.parquet): a row group at a time, through pyarrow, the last few kept; a row is a dict of its columns.
 
 A record that cannot be parsed comes back as a Record with an `error`: the pipeline counts and skips it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from dvl_jax.data.config import container
+
+GROUPS_PER_WINDOW = 4  # Parquet row groups mixed by one shuffle window, and held in memory by a reader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +115,10 @@ class JsonList:
 
 class ParquetRows:
   """A Parquet file: record i is its i-th row, as a dict of its columns (an image column holds bytes, or
-  Hugging Face's {"bytes", "path"} struct). One row group is held in memory at a time."""
+  Hugging Face's {"bytes", "path"} struct). The `cached_groups` row groups read last are held in memory: read
+  them in an order that stays within a few groups at a time (shuffle.GroupShuffleMapDataset)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, cached_groups: int = GROUPS_PER_WINDOW):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
     self.path = path
@@ -123,26 +127,30 @@ class ParquetRows:
     except Exception as e:  # pyarrow raises ArrowInvalid and others for a file that is not Parquet
       raise ValueError(f"Data file {path!r} is not a readable Parquet file: {e}") from e
     counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-    self._ends = np.cumsum(counts, dtype=np.int64)
-    self._group, self._table = -1, None
+    self.ends = np.cumsum(counts, dtype=np.int64)  # the end row of each row group
+    self._cached_groups = cached_groups
+    self._tables: collections.OrderedDict[int, Any] = collections.OrderedDict()
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
-    return int(self._ends[-1]) if len(self._ends) else 0
+    return int(self.ends[-1]) if len(self.ends) else 0
 
   def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k not in ("_group", "_table", "_lock")}
+    return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_lock")}
 
   def __setstate__(self, state):
-    self.__dict__.update(state, _group=-1, _table=None, _lock=threading.Lock())
+    self.__dict__.update(state, _tables=collections.OrderedDict(), _lock=threading.Lock())
 
   def __getitem__(self, i: int) -> Record:
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
-    group = int(np.searchsorted(self._ends, i, side="right"))
+    group = int(np.searchsorted(self.ends, i, side="right"))
     with self._lock:  # grain reads from several threads
-      if group != self._group:
-        self._table, self._group = pq.ParquetFile(self.path).read_row_group(group), group
-      table = self._table
-    first = int(self._ends[group - 1]) if group else 0
+      table = self._tables.pop(group, None)
+      if table is None:
+        table = pq.ParquetFile(self.path).read_row_group(group)
+        if len(self._tables) >= self._cached_groups:
+          self._tables.popitem(last=False)
+      self._tables[group] = table
+    first = int(self.ends[group - 1]) if group else 0
     return Record(f"{self.path}:row {i}", table.slice(i - first, 1).to_pylist()[0])
