@@ -4,7 +4,8 @@ not use.
 
 - JSON lines (.jsonl, .ndjson): the byte offset of each non-blank line is found once (one pass over the file);
   a line is parsed when it is read, so a malformed line is one bad record, named by its line number.
-- A JSON list (.json): parsed whole when opened (such files are small: LLaVA's SFT sets); record i is item i.
+- A JSON list (.json): parsed whole when opened and kept as compact JSON text, an item parsed when read;
+  record i is item i.
 - Parquet (.parquet): a row group at a time, through pyarrow, the last few kept; a row is a dict of its columns.
 
 A record that cannot be parsed comes back as a Record with an `error`: the pipeline counts and skips it.
@@ -104,13 +105,19 @@ class JsonList:
     if not isinstance(items, list):
       raise ValueError(f"Data file {path!r} holds a JSON {type(items).__name__}; a .json source holds a list of "
                        "records ([{...}, {...}]).")
-    self._items = items
+    # Held as compact JSON text in one buffer, each item parsed when read: Python objects would take several
+    # times the file's size, in this process and in every worker that gets this object.
+    encoded = [json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode() for item in items]
+    del items
+    self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+    self._blob = np.frombuffer(b"".join(encoded), np.uint8)
 
   def __len__(self) -> int:
-    return len(self._items)
+    return len(self._ends)
 
   def __getitem__(self, i: int) -> Record:
-    return Record(f"{self.path}[{i}]", self._items[i])
+    start = int(self._ends[i - 1]) if i else 0
+    return Record(f"{self.path}[{i}]", json.loads(self._blob[start:int(self._ends[i])].tobytes()))
 
 
 class ParquetRows:

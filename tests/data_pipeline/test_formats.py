@@ -160,6 +160,12 @@ def test_a_missing_file_or_unknown_kind_is_an_error_before_any_work(processor, t
   with pytest.raises(FileNotFoundError, match=r"Data file '.*nope.jsonl' does not exist"):
     DataIterator(DataConfig([SourceConfig(str(tmp_path / "nope.jsonl"), "captions")], batch_size=1), processor,
                  process_index=0, process_count=1)
+  (tmp_path / "broken.json").write_text('[{"text": "a"},')
+  with pytest.raises(ValueError, match=r"broken.json' is not valid JSON .*for one record a line, name the file "):
+    open_records(str(tmp_path / "broken.json"))
+  (tmp_path / "object.json").write_text('{"text": "a"}')
+  with pytest.raises(ValueError, match=r"object.json' holds a JSON dict; a .json source holds a list of records"):
+    open_records(str(tmp_path / "object.json"))
   with pytest.raises(ValueError, match=r"unknown extension '.csv'"):
     SourceConfig("x.csv", "captions")
   with pytest.raises(ValueError, match=r"format='caption' is not one of \('captions', 'conversations', 'text'\)"):
