@@ -146,8 +146,9 @@ def make_example(sample: Conversation | Text, processor: Processor, *, seq_len: 
     except (ValueError, OSError) as e:  # ImageError names the image; OSError: a file truncated mid-decode
       raise BadRecord(f"image {i}: {e}") from e
   cfg = processor.image_config
-  size = cfg.size
-  stack = lambda key, s: (np.stack([p[key] for p in pixels]) if pixels  # pylint: disable=g-long-lambda
-                          else np.zeros((0, s, s, 3), np.float32))
+
+  def stack(key: str, size: int) -> np.ndarray:  # [k, S, S, 3]
+    return np.stack([p[key] for p in pixels]) if pixels else np.zeros((0, size, size, 3), np.float32)
+
   high = stack("high_res_pixel_values", cfg.high_res_size) if cfg.is_hybrid else None
-  return Example(ids, mask, stack("pixel_values", size), high, where, source, truncated)
+  return Example(ids, mask, stack("pixel_values", cfg.size), high, where, source, truncated)

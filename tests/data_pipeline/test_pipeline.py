@@ -159,3 +159,20 @@ def test_resume_with_worker_processes_is_exact_and_equals_no_workers(processor, 
   _resumes_exactly(config, processor, tmp_path, at=2, total=5)
   no_workers = DataConfig([files["caps"]], batch_size=2, seq_len=512, packing=True, max_images=2, seed=4)
   _assert_same(_iterate(config, processor, 3), _iterate(no_workers, processor, 3))
+
+
+def test_the_hybrid_models_batches_carry_the_high_resolution_images(tmp_path, images):
+  from dvl_jax.processing import Processor
+  from dvl_jax.processing.images import preprocess
+  from reference import hf_processor
+
+  hf_processor(str(tmp_path / "proc"), hybrid=True, num_image_tokens=16, size=32, high_res_size=64)
+  processor = Processor.from_pretrained(tmp_path / "proc")
+  caps = write_jsonl(tmp_path / "caps.jsonl", [{"image": "chart.png", "caption": "A chart."}])
+  config = DataConfig([SourceConfig(caps, "captions", images=str(images))], batch_size=2, seq_len=512,
+                      packing=True, max_images=2)
+  (batch,) = _iterate(config, processor, 1)
+  expected = preprocess(str(images / "chart.png"), processor.image_config)
+  assert batch.arrays["high_res_pixel_values"].shape == (2, 2, 64, 64, 3)
+  np.testing.assert_array_equal(batch.arrays["high_res_pixel_values"][0, 0], expected["high_res_pixel_values"])
+  np.testing.assert_array_equal(batch.arrays["pixel_values"][0, 1], expected["pixel_values"])
