@@ -6,7 +6,8 @@
 
 A dataclass field's type hint says what a value may be: bool, int, float, str, None, `X | None`, tuple[X, ...],
 tuple[X, Y], list[X], dict / Mapping[str, X], Literal[...] and nested dataclasses (from a mapping). YAML's own
-types come through as they are, except that an int is taken for a float and a list for a tuple. Anything else is
+types come through as they are, except that an int is taken for a float, a list for a tuple, and a mapping for a
+tuple of (key, value) pairs. Anything else is
 an error that names the key's full path, the value, and what was expected; an unknown key names the valid keys
 and the nearest one. The dataclasses' own __post_init__ checks run as they are made, their errors prefixed with
 the key. `to_dict` gives the plain dict back (for saving the resolved config).
@@ -148,6 +149,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
       raise _fail(path, value, f"one of {args}")
     return value
   if origin in (tuple, list) or tp in (tuple, list):
+    pair = args[:1] and typing.get_origin(args[0]) is tuple and len(typing.get_args(args[0])) == 2
+    if isinstance(value, Mapping) and pair:  # {key: value, ...} for a tuple of (key, value) pairs
+      value = list(value.items())
     if not isinstance(value, (list, tuple)):
       raise _fail(path, value, f"a list ({_name(tp)})")
     if origin is tuple and args and args[-1] is not Ellipsis:
