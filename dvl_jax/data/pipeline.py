@@ -142,9 +142,11 @@ def make_dataset(config: DataConfig, processor: Processor, *, process_index: int
                              target=config.text_share, warmup_steps=config.text_warmup_steps, seed=config.seed)
 
 
-class DataIterator:
+class DataIterator(grain.DatasetIterator):
   """This process's batches, step after step, with the ledger of skipped records. Iterate it; save
   `get_state()` (JSON-able) with a checkpoint, `set_state` to resume; `close()` (or `with`) ends the workers.
+  A grain DatasetIterator, so Orbax saves it with grain's handler, a file per process:
+  `ocp.args.Composite(data=grain.checkpoint.CheckpointSave(data), ...)`.
 
   Args:
     config: the DataConfig.
@@ -161,14 +163,12 @@ class DataIterator:
       import jax  # pylint: disable=import-outside-toplevel
 
       process_index, process_count = jax.process_index(), jax.process_count()
+    self._it = iter(make_dataset(config, processor, process_index=process_index, process_count=process_count))
+    super().__init__(self._it)
     self.config = config
     self._log = log
     self.report = SkipReport(None if run_dir is None else f"{run_dir}/skipped.jsonl", strict=config.strict, log=log)
-    self._it = iter(make_dataset(config, processor, process_index=process_index, process_count=process_count))
     self.step = 0
-
-  def __iter__(self) -> DataIterator:
-    return self
 
   def __next__(self) -> HostBatch:
     batch = next(self._it)
@@ -187,11 +187,11 @@ class DataIterator:
     self.report.restore(state["report"], self.step)
 
   def close(self) -> None:
+    if getattr(self, "_closed", True):  # closed, or __init__ failed before the pipeline existed
+      return
     if self.report.skipped:
       self._log(self.report.summary())
-    close = getattr(self._it, "close", None)
-    if close is not None:
-      close()
+    super().close()  # closes the pipeline: its worker processes end
 
   def __enter__(self) -> DataIterator:
     return self

@@ -176,3 +176,22 @@ def test_the_hybrid_models_batches_carry_the_high_resolution_images(tmp_path, im
   assert batch.arrays["high_res_pixel_values"].shape == (2, 2, 64, 64, 3)
   np.testing.assert_array_equal(batch.arrays["high_res_pixel_values"][0, 0], expected["high_res_pixel_values"])
   np.testing.assert_array_equal(batch.arrays["pixel_values"][0, 1], expected["pixel_values"])
+
+
+def test_orbax_saves_the_iterator_with_grains_handler_a_file_per_process(processor, files, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  config = DataConfig([files["caps"], files["text"]], batch_size=2, seq_len=512, packing=True, max_images=2)
+  manager = ocp.CheckpointManager(tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  with DataIterator(config, processor, process_index=0, process_count=1) as data:
+    [next(data) for _ in range(3)]
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(data)))
+    manager.wait_until_finished()
+    expected = [next(data) for _ in range(3)]
+  assert (tmp_path / "ckpt" / "3" / "data" / "process_0-of-1.json").exists()
+  with DataIterator(config, processor, process_index=0, process_count=1) as data:
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data)))
+    assert data.step == 3
+    _assert_same(expected, [next(data) for _ in range(3)])
+  manager.close()
