@@ -169,6 +169,8 @@ class DataIterator(grain.DatasetIterator):
     self._log = log
     self.report = SkipReport(None if run_dir is None else f"{run_dir}/skipped.jsonl", strict=config.strict, log=log)
     self.step = 0
+    # What a saved position depends on: each process's share, each worker's slice of it.
+    self._layout = {"processes": process_count, "workers": config.workers}
 
   def __next__(self) -> HostBatch:
     batch = next(self._it)
@@ -179,9 +181,16 @@ class DataIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"step": self.step, "pipeline": self._it.get_state(), "report": self.report.state()}
+    return {"step": self.step, "pipeline": self._it.get_state(), "report": self.report.state(),
+            "layout": self._layout}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    saved = state.get("layout", self._layout)
+    if saved != self._layout:
+      raise ValueError(f"This data state was saved by {saved['processes']} process(es) with workers="
+                       f"{saved['workers']} each; this run has {self._layout['processes']} with workers="
+                       f"{self._layout['workers']}. The position in the data is kept per process and per worker: "
+                       "resume with the same process count and data.workers.")
     self._it.set_state(state["pipeline"])
     self.step = int(state["step"])
     self.report.restore(state["report"], self.step)

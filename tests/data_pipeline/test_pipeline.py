@@ -143,6 +143,17 @@ def _resumes_exactly(config, processor, tmp_path, at, total):
   return json.loads(state)
 
 
+def test_a_state_from_another_process_or_worker_count_is_refused_by_name(processor, files):
+  config = DataConfig([files["text"]], batch_size=2, seq_len=512)
+  with DataIterator(config, processor, process_index=0, process_count=1) as data:
+    next(data)
+    state = data.get_state()
+  with DataIterator(config, processor, process_index=0, process_count=2) as data:
+    with pytest.raises(ValueError, match=r"saved by 1 process\(es\) with workers=0 each; this run has 2 with "
+                                         r"workers=0\. .*resume with the same process count and data.workers"):
+      data.set_state(state)
+
+
 def test_resume_from_the_iterator_state_mid_round_is_exact(processor, files, tmp_path):
   bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "fine"}', "{broken", '{"text": "also fine"}'])
   config = DataConfig([files["caps"], files["text"], SourceConfig(bad, "text")], batch_size=2, seq_len=512,
