@@ -77,13 +77,24 @@ class SkipReport:
     """Counts from `state` (saved at `step`); the JSONL cut back to the lines of steps <= step."""
     self.counts = collections.Counter(state["counts"])
     self.by_source = collections.Counter(state["by_source"])
-    if self.path and os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        keep = [line for line in f if _step_of(line) <= step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+    if self.path:
+      cut_jsonl(self.path, step)
+
+
+def cut_jsonl(path: str, step: int) -> None:
+  """Keeps the lines of a JSONL file whose "step" is <= step, dropping a line cut short by a kill; the file is
+  replaced atomically, and left alone when nothing is to go (a resumed run rewrites what came later)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  keep = [line for line in lines if _step_of(line) <= step]
+  if len(keep) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
 
 def _step_of(line: str) -> float:

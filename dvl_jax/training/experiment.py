@@ -33,8 +33,10 @@ class ModelSpec:
   """The model to train.
 
   Attributes:
-    preset: a dvl_jax preset name (random init); give this or `init_from`.
-    init_from: a converted dvl_jax checkpoint (params/, dvl_config.json) whose weights start the run.
+    preset: a dvl_jax preset name: the architecture. Alone, the run starts from random weights (`train.seed`).
+    init_from: a converted dvl_jax checkpoint (params/, dvl_config.json) whose weights start the run. With a
+      preset too, the checkpoint's architecture must be the preset's (the run refuses a mismatch before any
+      compute, naming the fields).
     processor: the directory of the tokenizer and processor files; None: `init_from`'s.
     dtype: the compute dtype; the params and optimizer state stay float32.
     attention: the attention implementation (dvl_jax.config.ATTENTION_IMPLS).
@@ -49,12 +51,12 @@ class ModelSpec:
   remat: str = "full"
 
   def __post_init__(self):
-    if (self.preset is None) == (self.init_from is None):
-      raise ValueError("give either preset (a random model: one of " + ", ".join(sorted(PRESETS)) + ") or "
-                       f"init_from (a converted checkpoint), not {'both' if self.preset else 'neither'}")
+    if self.preset is None and self.init_from is None:
+      raise ValueError("give preset (an architecture, randomly initialised: one of " + ", ".join(sorted(PRESETS)) +
+                       ") or init_from (a converted checkpoint), or both (the checkpoint must be of the preset)")
     if self.preset is not None and self.preset not in PRESETS:
       raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
-    if self.preset is not None and self.processor is None:
+    if self.init_from is None and self.processor is None:
       raise ValueError("a preset model needs processor: the directory of its tokenizer and processor files")
     for name, valid in (("dtype", DTYPES), ("attention", ATTENTION_IMPLS), ("remat", tuple(REMAT_POLICIES))):
       if getattr(self, name) not in valid:
@@ -66,23 +68,40 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Sample:
+  """An image (a path, relative to the working directory; None: text only) and a prompt to caption."""
+
+  prompt: str
+  image: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSpec:
   """The run.
 
   Attributes:
     steps: optimizer steps; the learning-rate schedule spans them.
     run_dir: where checkpoints, metrics.jsonl, skipped.jsonl and the resolved config go.
-    mesh: the device mesh and strategy (dvl_jax.ShardingPlan's spec, e.g. "fsdp=-1" or "data=2,fsdp=4").
+    mesh: the device mesh (dvl_jax.ShardingPlan's spec, e.g. "fsdp=-1" or "data=2,fsdp=4"), over every device
+      of every process.
+    strategy, vision_strategy: how the decoder and the image towers lie on the mesh (dvl_jax.sharding); None:
+      the mesh's default (every axis of size > 1 used).
     microbatches: gradient accumulation steps within a step.
     seed: the params' init (preset models) and anything else random; the data has its own (data.seed).
     log_every, checkpoint_every, eval_every: cadences in steps (eval 0: never).
     keep_checkpoints: the most recent checkpoints kept.
-    eval_steps: batches of eval_data per evaluation.
+    eval_steps: batches of eval_data per evaluation (the same batches each time).
+    samples: images and prompts captioned greedily at each evaluation, into samples.jsonl and the log.
+    sample_tokens: the most tokens generated per sample.
+    export: write an inference checkpoint (params/, dvl_config.json, tokenizer and processor files) to
+      run_dir/export when the run completes.
   """
 
   steps: int
   run_dir: str
   mesh: str = "fsdp=-1"
+  strategy: str | None = None
+  vision_strategy: str | None = None
   microbatches: int = 1
   seed: int = 0
   log_every: int = 10
@@ -90,9 +109,13 @@ class TrainSpec:
   keep_checkpoints: int = 3
   eval_every: int = 0
   eval_steps: int = 10
+  samples: tuple[Sample, ...] = ()
+  sample_tokens: int = 32
+  export: bool = True
 
   def __post_init__(self):
-    for name in ("steps", "microbatches", "log_every", "checkpoint_every", "keep_checkpoints", "eval_steps"):
+    for name in ("steps", "microbatches", "log_every", "checkpoint_every", "keep_checkpoints", "eval_steps",
+                 "sample_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.eval_every < 0:
@@ -113,8 +136,9 @@ class Experiment:
     if self.data.batch_size % self.train.microbatches:
       raise ValueError(f"data.batch_size={self.data.batch_size} does not split into train.microbatches="
                        f"{self.train.microbatches} equal parts")
-    if self.train.eval_every and self.eval_data is None:
-      raise ValueError(f"train.eval_every={self.train.eval_every} needs eval_data (held-out sources)")
+    if self.train.eval_every and self.eval_data is None and not self.train.samples:
+      raise ValueError(f"train.eval_every={self.train.eval_every} needs eval_data (held-out sources) or "
+                       "train.samples (images and prompts to caption)")
 
 
 def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Experiment:

@@ -330,3 +330,29 @@ def hlo_matmul_flops(hlo_text: str) -> float:
     return totals[comp]
 
   return float(total(entry))
+
+
+# Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets, by the start of jax's device_kind.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,  # SXM; the PCIe card is 756e12
+    "NVIDIA A100": 312e12,
+}
+
+
+def device_peak_flops(device: jax.Device) -> float | None:
+  """The dense bfloat16 peak FLOP/s of `device`'s kind, or None where it is not known (CPUs): MFU is then not
+  reported."""
+  kind = getattr(device, "device_kind", "")
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_FLOPS[prefix]
+  return None
+

@@ -46,7 +46,6 @@ def test_sections_and_train_steps_as_the_schedules_length(tmp_path):
     ("optimiser.stage=S2", r"optimiser: unknown key. Did you mean 'optimizer'\? The keys of the config "
                            r"\(Experiment\) are: model, data, optimizer, train, eval_data."),
     ("optimizer.total_steps=5", r"optimizer.total_steps: set train.steps instead"),
-    ("model.init_from=/ckpt", r"model: give either preset .* or init_from .*, not both"),
     ("model.preset=huge", r"model: preset='huge' is not one of \["),
     ("model.remat=some", r"model: remat='some' is not one of \('none', 'full', 'save_dots'\)"),
     ("train.microbatches=3", r"data.batch_size=8 does not split into train.microbatches=3 equal parts"),
