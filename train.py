@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
   import dvl_jax.distributed
 
   dvl_jax.distributed.initialize()  # before anything touches jax's devices (several processes)
+  from dvl_jax.data.report import DataError
   from dvl_jax.generate import enable_compilation_cache
-  from dvl_jax.training.experiment import load_experiment
+  from dvl_jax.training.experiment import experiment_to_dict, load_experiment
   from dvl_jax.training.trainer import train
-  from dvl_jax.typed_config import ConfigError, to_dict
+  from dvl_jax.typed_config import ConfigError
 
   try:
     experiment = load_experiment(args.config, args.overrides)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.print_config:
     import yaml
 
-    print(yaml.safe_dump(to_dict(experiment), sort_keys=False), end="")
+    print(yaml.safe_dump(experiment_to_dict(experiment), sort_keys=False), end="")
     return 0
   if args.compilation_cache:
     enable_compilation_cache(args.compilation_cache)
@@ -85,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, FileNotFoundError) as e:  # raised by the checks, before any compute
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except DataError as e:  # the data cannot go on; the newest checkpoint is kept
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:  # the second Ctrl-C
     print("Interrupted; the newest complete checkpoint is where a rerun goes on from.", file=sys.stderr)
     return 130
+  dvl_jax.distributed.shutdown()  # in step with the other processes (nothing with one)
   return result.exit_code
 
 

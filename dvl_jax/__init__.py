@@ -6,7 +6,12 @@ import os as _os
 # the matmuls' own threads: measured on 2 cores, the 130M decode step ran 1.25x slower with it and a plain
 # unrolled stack of 12 layers' matmuls 9x slower (BENCHMARKS.md). CPU-only flag, read when JAX starts its CPU
 # backend; set it yourself (=true) to keep XLA's default.
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_FLAGS", ""):
+# Not with several simulated CPU devices (xla_force_host_platform_device_count): there, without it, the fsdp
+# train step's independent all-gathers ran in different orders on different devices and deadlocked (8 devices,
+# 2 cores: each half of the devices waiting in another all-gather, aborted after 40 s).
+_flags = _os.environ.get("XLA_FLAGS", "")
+_simulated = [f.split("=", 1)[1] for f in _flags.split() if f.startswith("--xla_force_host_platform_device_count=")]
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags and _simulated in ([], ["1"]):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") +
                               " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 

@@ -47,7 +47,10 @@ def to_jax_in_place(tree: dict[str, Any]) -> dict[str, Any]:
   """Replaces the numpy leaves of a nested dict by jax arrays one at a time, so each numpy array can be freed
   as soon as its jax array exists."""
   for key, value in tree.items():
-    tree[key] = to_jax_in_place(value) if isinstance(value, dict) else jax.device_put(value)
+    if isinstance(value, dict):
+      tree[key] = to_jax_in_place(value)
+    elif not isinstance(value, jax.Array):  # a global array over several processes cannot be device_put again
+      tree[key] = jax.device_put(value)
   return tree
 
 

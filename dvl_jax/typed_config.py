@@ -50,7 +50,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
   """`key.sub=value` overrides applied to a copy of `data`; a list item by its index (`sources.0.path=x`), or one
   past the end to append. Values are read as YAML (`steps=10` an int, `name='10'` a string, `x=null` None,
-  `buckets=[256, 512]` a list). Keys that do not exist yet are added: `from_dict` then says if they are unknown.
+  `buckets=[256, 512]` a list). Keys that do not exist yet are added (`samples.0.image=x` makes the list):
+  `from_dict` then says if they are unknown.
   """
   data = _copy(data)
   for item in overrides:
@@ -82,8 +83,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, 
         if last:
           node[part] = value
         else:
-          if node.get(part) is None:  # absent, or null in the YAML: now given sub-keys
-            node[part] = {}
+          if node.get(part) is None:  # absent, or null in the YAML: now given sub-keys (a list for an index)
+            node[part] = [] if parts[depth + 1] == "0" else {}
           node = node[part]
       else:
         raise ConfigError(f"Override {item!r}: {'.'.join(parts[:depth])!r} is the value {node!r}, which has no keys.")

@@ -23,7 +23,7 @@ from dvl_jax.config import ATTENTION_IMPLS, PRESETS
 from dvl_jax.data.config import DataConfig
 from dvl_jax.nn.remat import REMAT_POLICIES
 from dvl_jax.training.optimizer import OptimizerConfig
-from dvl_jax.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
+from dvl_jax.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 DTYPES = ("float32", "bfloat16")
 
@@ -156,3 +156,12 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     steps = from_dict(TrainSpec, train, "train").steps  # checked first: the optimizer's schedule takes it
     raw = {**raw, "optimizer": {**optimizer, "total_steps": steps}}
   return from_dict(Experiment, raw)
+
+
+def experiment_to_dict(experiment: Experiment) -> dict[str, Any]:
+  """The resolved config as plain data (what config.yaml and each checkpoint keep); `experiment_from_dict` and
+  `load_experiment` read it back (optimizer.total_steps is left out: train.steps gives it)."""
+  raw = to_dict(experiment)
+  raw["optimizer"].pop("total_steps")
+  return raw
+

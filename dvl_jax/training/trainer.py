@@ -39,19 +39,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dvl_jax import checkpoint
 from dvl_jax.config import ModelConfig, preset
 from dvl_jax.data.pipeline import DataIterator
+from dvl_jax.data.report import DataError
 from dvl_jax.model import Model, abstract_params, init_params
 from dvl_jax.processing.processor import Processor
 from dvl_jax.sharding import ShardingPlan, make_mesh
 from dvl_jax.training.batch import Batch, batch_sharding, place_batch
 from dvl_jax.training.checkpoints import RunCheckpoints
-from dvl_jax.training.experiment import Experiment, ModelSpec, experiment_from_dict
+from dvl_jax.training.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from dvl_jax.training.export import export_params
 from dvl_jax.training.flops import device_peak_flops, train_step_flops
 from dvl_jax.training.metrics import MetricsLog
 from dvl_jax.training.preemption import StopRequest
 from dvl_jax.training.state import TrainState, abstract_train_state, init_train_state, shardings_of
 from dvl_jax.training.step import jit_train_step, loss_fn
-from dvl_jax.typed_config import ConfigError, to_dict
+from dvl_jax.typed_config import ConfigError
 
 _log = logging.getLogger(__name__)
 
@@ -131,9 +132,14 @@ def save_run_config(run_dir: str, resolved: dict[str, Any]) -> None:
   os.replace(tmp, os.path.join(run_dir, RUN_CONFIG))
 
 
-def check_data_files(experiment: Experiment) -> None:
-  """Every data file (and image directory) of the experiment exists; else one error naming all that do not."""
+def check_paths(experiment: Experiment) -> None:
+  """Every file and directory the experiment reads exists (the model's, the data files, the image directories,
+  the samples' images); else one error naming all that do not."""
   missing = []
+  for key in ("init_from", "processor"):
+    path = getattr(experiment.model, key)
+    if path is not None and not os.path.isdir(path):
+      missing.append(f"model.{key}: no directory {path!r}")
   for section, data in (("data", experiment.data), ("eval_data", experiment.eval_data)):
     for i, source in enumerate(data.sources if data is not None else ()):
       if not os.path.isfile(source.path):
@@ -144,7 +150,7 @@ def check_data_files(experiment: Experiment) -> None:
     if sample.image is not None and not os.path.isfile(sample.image):
       missing.append(f"train.samples.{i}.image: no file {sample.image!r}")
   if missing:
-    raise FileNotFoundError("Missing data (paths are relative to the working directory, "
+    raise FileNotFoundError("Missing inputs (paths are relative to the working directory, "
                             f"{os.getcwd()}):\n  " + "\n  ".join(missing))
 
 
@@ -287,13 +293,14 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
     stop: the StopRequest that catches SIGTERM and Ctrl-C; None: a new one.
     devices: the devices of the mesh; None: every device of every process.
 
-  Raises before any compute: FileNotFoundError (data, init_from), ConfigError (the config, the run directory).
+  Raises before any compute: FileNotFoundError (data, init_from), ConfigError (the config, the run directory);
+  while training: DataError (the data pipeline cannot go on: strict mode, every record skipped).
   """
   t = experiment.train
   run_dir = os.path.abspath(t.run_dir)
   writer = jax.process_index() == 0
-  resolved = to_dict(experiment)
-  check_data_files(experiment)
+  resolved = experiment_to_dict(experiment)
+  check_paths(experiment)
   plan = make_plan(experiment, devices)
   check_batch(experiment, plan)
   config = model_config(experiment.model)
@@ -301,11 +308,15 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
   if processor.image_config is not None and config.tokens_per_image != processor.num_image_tokens:
     raise ConfigError(f"The processor in {experiment.model.processor_dir!r} gives {processor.num_image_tokens} tokens "
                       f"an image; the model takes {config.tokens_per_image}. model.processor must be the model's.")
-  check_run_dir(run_dir, resolved)
+  checkpoints = RunCheckpoints(os.path.join(run_dir, CHECKPOINTS), keep=t.keep_checkpoints)
+  if checkpoints.latest_step() is not None:  # a run to resume (one killed before its first checkpoint is not)
+    try:
+      check_run_dir(run_dir, resolved)
+    except ConfigError:
+      checkpoints.close()
+      raise
   if writer:
     save_run_config(run_dir, resolved)
-
-  checkpoints = RunCheckpoints(os.path.join(run_dir, CHECKPOINTS), keep=t.keep_checkpoints)
   like = abstract_train_state(config, plan, experiment.optimizer)
   data = DataIterator(experiment.data, processor, run_dir=run_dir if writer else None,
                       log=log or _log.warning)
@@ -318,6 +329,9 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
       model = Model(config, initial_params(experiment, config, plan), plan=plan)
       state = init_train_state(model.params, experiment.optimizer, like)
       del model
+    # Nothing else in flight before the steps: XLA:CPU can deadlock when two programs with collectives that do
+    # not depend on each other (the state's pieces, made by separate programs) run at once on the same devices.
+    state = jax.block_until_ready(state)
     step = int(jax.device_get(state.step))
     metrics_log = MetricsLog(run_dir if writer else None, total_steps=t.steps, start_step=step, enabled=writer,
                              progress=progress)
@@ -358,6 +372,8 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
         except StopIteration:
           say(f"The data ran out at step {step}.")
           break
+        except ValueError as e:  # the pipeline's own errors (strict mode, nothing left to train on) say what to do
+          raise DataError(f"At step {step + 1}: {e}") from e
         batch = place_batch(plan, host.to_batch(), microbatches=t.microbatches)
         state, metrics = step_fn(state, batch)
         step += 1
