@@ -47,7 +47,7 @@ from dvl_jax.training.batch import Batch, batch_sharding, place_batch
 from dvl_jax.training.checkpoints import RunCheckpoints
 from dvl_jax.training.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from dvl_jax.training.export import export_params
-from dvl_jax.training.flops import device_peak_flops, train_step_flops
+from dvl_jax.training.flops import TrainedParts, device_peak_flops, train_step_flops
 from dvl_jax.training.metrics import MetricsLog
 from dvl_jax.training.preemption import StopRequest
 from dvl_jax.training.state import TrainState, abstract_train_state, init_train_state, shardings_of
@@ -121,6 +121,33 @@ def check_run_dir(run_dir: str, resolved: dict[str, Any]) -> None:
     raise ConfigError(f"The run directory {run_dir!r} holds another experiment: its {RUN_CONFIG} differs in\n  " +
                       "\n  ".join(diff[:20]) + "\nA rerun resumes the run in its directory and must compute the same "
                       "thing. Give a new train.run_dir for a new experiment, or the saved values to resume this one.")
+
+
+class RunLock:
+  """An exclusive lock on a run directory (run_dir/.lock, flock), held by process 0 while it trains, so that a
+  second train.py on the same directory is refused instead of writing the same checkpoints. The kernel drops it
+  when the process ends, however it ends (SIGKILL included)."""
+
+  def __init__(self, run_dir: str):
+    import fcntl  # pylint: disable=import-outside-toplevel
+
+    os.makedirs(run_dir, exist_ok=True)
+    self._file = open(os.path.join(run_dir, ".lock"), "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      raise ConfigError(f"The run directory {run_dir!r} is in use by another train.py ({holder}). Wait for it, stop "
+                        "it, or give another train.run_dir.") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"pid {os.getpid()}")
+    self._file.flush()
+
+  def release(self) -> None:
+    self._file.close()  # closing the file drops the lock
 
 
 def save_run_config(run_dir: str, resolved: dict[str, Any]) -> None:
@@ -256,12 +283,16 @@ class Evaluator:
 
 # ----- the run -----
 class _Throughput:
-  """Tokens, images and FLOPs of the steps since the last log line, for tokens/s, images/s and MFU."""
+  """Tokens, images and FLOPs of the steps since the last log line, for tokens/s, images/s and MFU. Tokens are
+  the positions computed (rows x row length, padding included, as MaxText counts them); MFU counts the model's
+  FLOPs (flops.py) over the mesh's devices' peak, None where the chip's peak is not known (CPUs)."""
 
   def __init__(self, config: ModelConfig, experiment: Experiment, plan: ShardingPlan, module_vocab: int | None):
-    self.config, self.optimizer, self.vocab = config, experiment.optimizer, module_vocab
-    self.peak = device_peak_flops(jax.devices()[0])
-    self.devices = jax.device_count()
+    self.config, self.vocab = config, module_vocab
+    self.trained = TrainedParts.from_optimizer(config, experiment.optimizer)
+    self.peak = device_peak_flops(plan.mesh.devices.flat[0])
+    self.devices = plan.mesh.devices.size
+    self._flops: dict[tuple[int, int, int], float] = {}  # by (rows, length, image slots)
     self.reset()
 
   def reset(self) -> None:
@@ -273,8 +304,11 @@ class _Throughput:
     slots = 0 if batch.pixel_values is None else batch.pixel_values.shape[1]
     self.tokens += rows * length
     self.images += images * jax.process_count()  # each process counts its own share
-    self.flops += train_step_flops(self.config, self.optimizer, batch=rows, seq_len=length, images_per_row=slots,
-                                   padded_vocab_size=self.vocab).total
+    key = (rows, length, slots)
+    if key not in self._flops:
+      self._flops[key] = train_step_flops(self.config, self.trained, batch=rows, seq_len=length,
+                                          images_per_row=slots, padded_vocab_size=self.vocab).total
+    self.flops += self._flops[key]
 
   def metrics(self) -> dict[str, float | None]:
     seconds = max(time.perf_counter() - self.start, 1e-9)
@@ -308,12 +342,15 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
   if processor.image_config is not None and config.tokens_per_image != processor.num_image_tokens:
     raise ConfigError(f"The processor in {experiment.model.processor_dir!r} gives {processor.num_image_tokens} tokens "
                       f"an image; the model takes {config.tokens_per_image}. model.processor must be the model's.")
+  lock = RunLock(run_dir) if writer else None
   checkpoints = RunCheckpoints(os.path.join(run_dir, CHECKPOINTS), keep=t.keep_checkpoints)
   if checkpoints.latest_step() is not None:  # a run to resume (one killed before its first checkpoint is not)
     try:
       check_run_dir(run_dir, resolved)
     except ConfigError:
       checkpoints.close()
+      if lock is not None:
+        lock.release()
       raise
   if writer:
     save_run_config(run_dir, resolved)
@@ -410,6 +447,8 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
     checkpoints.close()
     if metrics_log is not None:
       metrics_log.close()
+    if lock is not None:
+      lock.release()
 
 
 def _evaluate(evaluator: Evaluator, params: Any, step: int, metrics_log: MetricsLog, sample_dir: str | None,
@@ -436,6 +475,13 @@ def export_run(run_dir: str, out: str, *, step: int | None = None, overwrite: bo
   """The inference checkpoint of a run's checkpoint `step` (None: the newest) at `out`. The state is restored
   over every local device (fsdp), its optimizer state with it."""
   run_dir = os.path.abspath(run_dir)
+  real_out, real_run = os.path.realpath(out), os.path.realpath(run_dir)
+  if real_out == real_run or real_run.startswith(real_out + os.sep) or \
+      real_out.startswith(os.path.join(real_run, CHECKPOINTS) + os.sep):
+    raise ValueError(f"The export {out!r} would replace the run directory {run_dir!r} or hold it or lie in its "
+                     "checkpoints: give a directory of its own (e.g. RUN_DIR/export-STEP).")
+  if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
+    raise FileNotFoundError(f"{run_dir!r} is not a train.py run directory: it has no {CHECKPOINTS}/.")
   checkpoints = RunCheckpoints(os.path.join(run_dir, CHECKPOINTS), keep=1 << 30)
   try:
     steps = checkpoints.all_steps()

@@ -19,7 +19,7 @@ import dvl_jax
 from dvl_jax.training.experiment import load_experiment
 from dvl_jax.training.metrics import read_metrics
 from dvl_jax.training.preemption import StopRequest
-from dvl_jax.training.trainer import CHECKPOINTS, RUN_CONFIG, train
+from dvl_jax.training.trainer import CHECKPOINTS, RUN_CONFIG, RunLock, export_run, train
 from dvl_jax.typed_config import ConfigError
 from training.runs import experiment_yaml
 
@@ -252,3 +252,27 @@ def test_a_batch_that_does_not_divide_over_the_data_parallel_devices_is_refused(
   experiment = _run(run_files, tmp_path, "run2", ["data.batch_size=4"], mesh="data=2", microbatches=4)
   with pytest.raises(ConfigError, match=r"times train.microbatches=4 .*give a multiple of 8"):
     train(experiment, progress=False, devices=jax.devices()[:2])
+
+
+def test_a_run_directory_in_use_is_refused(run_files, tmp_path):
+  experiment = _run(run_files, tmp_path, "run")
+  lock = RunLock(experiment.train.run_dir)  # another train.py, training there
+  try:
+    with pytest.raises(ConfigError, match=r"is in use by another train.py \(pid \d+\)"):
+      train(experiment, progress=False, devices=ONE)
+  finally:
+    lock.release()
+  assert not os.path.exists(os.path.join(experiment.train.run_dir, CHECKPOINTS))
+
+
+def test_an_export_never_replaces_its_run(finished, tmp_path):
+  experiment, _ = finished
+  run_dir = experiment.train.run_dir
+  for out in (run_dir, os.path.dirname(run_dir), os.path.join(run_dir, CHECKPOINTS, "x")):
+    with pytest.raises(ValueError, match="would replace the run directory"):
+      export_run(run_dir, out, overwrite=True)
+  with pytest.raises(FileNotFoundError, match="not a train.py run directory"):
+    export_run(str(tmp_path), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / CHECKPOINTS)
+  out = export_run(run_dir, str(tmp_path / "step3"), step=3, log=lambda *_: None)
+  assert dvl_jax.load(out).config.text == dvl_jax.load(os.path.join(run_dir, "export")).config.text
