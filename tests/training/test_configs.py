@@ -1,16 +1,13 @@
-"""The experiments in configs/: each loads; the paper presets carry Table 4 of the DeepSeek-VL paper; the tiny
-one trains."""
+"""The experiments in configs/: each loads; the paper presets carry Table 4 of the DeepSeek-VL paper. (The tiny one
+trains in tests/training/test_trainer.py.)"""
 
 import glob
 import os
 
-import jax
 import pytest
 
 from dvl_jax.training.experiment import load_experiment
-from dvl_jax.training.metrics import read_metrics
 from dvl_jax.training.optimizer import STAGES
-from dvl_jax.training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -44,13 +41,3 @@ def test_the_paper_presets_carry_table_4(model, stage):
   assert (o.b1, o.b2, o.weight_decay, o.clip_norm) == (0.9, 0.95, 0.0, 1.0)
   assert o.trainable_patterns == STAGES[f"S{stage}"]
   assert e.model.preset == f"deepseek-vl-{model}-chat"
-
-
-def test_the_tiny_config_trains(run_files, tmp_path, monkeypatch):
-  monkeypatch.chdir(ROOT)  # its paths are relative to the repository
-  experiment = load_experiment(os.path.join(ROOT, "configs", "tiny.yaml"), [
-      f"model.init_from={run_files / 'init'}", f"train.run_dir={tmp_path / 'run'}", "data.seq_len=192",
-      "data.buckets=[192]", "train.eval_every=0", "train.export=false"])  # the fixture's model: 16 tokens an image
-  result = train(experiment, progress=False, log=lambda _: None, devices=jax.devices()[:1])
-  assert result.step == experiment.train.steps == 8
-  assert [m["step"] for m in read_metrics(str(tmp_path / "run"))] == list(range(1, 9))
