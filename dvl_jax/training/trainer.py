@@ -343,23 +343,16 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
     raise ConfigError(f"The processor in {experiment.model.processor_dir!r} gives {processor.num_image_tokens} tokens "
                       f"an image; the model takes {config.tokens_per_image}. model.processor must be the model's.")
   lock = RunLock(run_dir) if writer else None
-  checkpoints = RunCheckpoints(os.path.join(run_dir, CHECKPOINTS), keep=t.keep_checkpoints)
-  if checkpoints.latest_step() is not None:  # a run to resume (one killed before its first checkpoint is not)
-    try:
-      check_run_dir(run_dir, resolved)
-    except ConfigError:
-      checkpoints.close()
-      if lock is not None:
-        lock.release()
-      raise
-  if writer:
-    save_run_config(run_dir, resolved)
-  like = abstract_train_state(config, plan, experiment.optimizer)
-  data = DataIterator(experiment.data, processor, run_dir=run_dir if writer else None,
-                      log=log or _log.warning)
-  metrics_log = None
+  checkpoints = data = metrics_log = None
   try:
+    checkpoints = RunCheckpoints(os.path.join(run_dir, CHECKPOINTS), keep=t.keep_checkpoints)
     start = checkpoints.latest_step()
+    if start is not None:  # a run to resume (one killed before its first checkpoint is not)
+      check_run_dir(run_dir, resolved)
+    if writer:
+      save_run_config(run_dir, resolved)
+    like = abstract_train_state(config, plan, experiment.optimizer)
+    data = DataIterator(experiment.data, processor, run_dir=run_dir if writer else None, log=log or _log.warning)
     if start is not None:
       state = checkpoints.restore(like, data)
     else:
@@ -443,10 +436,9 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
       say(f"Exported step {step} to {out} (open it with dvl_jax.load, infer.py --ckpt).")
     return RunResult(step, export=out)
   finally:
-    data.close()
-    checkpoints.close()
-    if metrics_log is not None:
-      metrics_log.close()
+    for part in (data, checkpoints, metrics_log):
+      if part is not None:
+        part.close()
     if lock is not None:
       lock.release()
 

@@ -283,12 +283,13 @@ def test_bfloat16_compute_keeps_float32_params_and_state(models):
   config = OptimizerConfig(learning_rate=1e-3, total_steps=10, stage="S3")
   batch = _batch(*_inputs(ref))
   state, metrics = jit_train_step(module, config, chunk_size=7)(init_train_state(_copy(model.params), config), batch)
-  f32 = float(loss_fn(model.params, batch, model.module, chunk_size=7).mean)
+  f32 = float(jax.jit(lambda p, b: loss_fn(p, b, model.module, chunk_size=7).mean)(model.params, batch))
   assert abs(float(metrics["loss"]) / f32 - 1) < 2e-2  # bfloat16 activations, same model
   assert np.isfinite(float(metrics["grad_norm"]))
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
   floats = [x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
-  hidden = module.apply({"params": state.params}, batch.input_ids, batch.attention_mask,
-                        jnp.zeros_like(batch.input_ids), batch.pixel_values, method=DeepseekVL.hidden_states)
+  hidden = jax.eval_shape(lambda p, b: module.apply({"params": p}, b.input_ids, b.attention_mask,
+                                                   jnp.zeros_like(b.input_ids), b.pixel_values,
+                                                   method=DeepseekVL.hidden_states), state.params, batch)
   assert hidden.dtype == jnp.bfloat16  # the compute dtype really is bfloat16
