@@ -19,6 +19,7 @@ import collections.abc
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from typing import Any, Mapping
@@ -30,6 +31,20 @@ class ConfigError(ValueError):
   """A config that does not fit its dataclasses; the message names the key."""
 
 
+class _Loader(yaml.SafeLoader):
+  """PyYAML's safe loader, reading numbers as YAML 1.2 (and Python) do: `1e-3` is a float, not the string that
+  YAML 1.1's float pattern, which wants a dot (`1.0e-3`), makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text_or_file: Any) -> Any:
+  return yaml.load(text_or_file, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
   """A YAML file's top-level mapping. Raises ConfigError for a missing file, bad YAML or a non-mapping."""
   path = os.fspath(path)
@@ -37,7 +52,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     raise ConfigError(f"Config file {path!r} does not exist.")
   with open(path, encoding="utf-8") as f:
     try:
-      data = yaml.safe_load(f)
+      data = _yaml(f)
     except yaml.YAMLError as e:
       raise ConfigError(f"Config file {path!r} is not valid YAML: {e}") from e
   if data is None:
@@ -59,7 +74,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, 
     if not sep or not key.strip():
       raise ConfigError(f"Override {item!r} is not key=value (e.g. train.steps=2000 or data.sources.0.path=x.jsonl).")
     try:
-      value = yaml.safe_load(text)
+      value = _yaml(text)
     except yaml.YAMLError as e:
       raise ConfigError(f"Override {item!r}: the value is not valid YAML ({e}); quote a string with odd characters.")
     parts = key.strip().split(".")

@@ -69,6 +69,14 @@ def test_overrides_reach_nested_keys_and_list_items(tmp_path):
   assert raw_again["name"] == "s3"  # overrides change a copy
 
 
+def test_numbers_in_exponent_form_are_numbers_without_a_dot(tmp_path):
+  """PyYAML (YAML 1.1) reads 1e-3 as a string; a config or an override reads it as the float a user means."""
+  raw = _raw(tmp_path, YAML.replace("learning_rate: 2", "learning_rate: 3e-4"))
+  assert from_dict(Run, raw).optim.learning_rate == 3e-4
+  run = from_dict(Run, apply_overrides(raw, ["optim.learning_rate=2E-3", "optim.clip_norm=1e0", "name=1e3x"]))
+  assert (run.optim.learning_rate, run.optim.clip_norm, run.name) == (2e-3, 1.0, "1e3x")
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.learnig_rate=1", r"optim.learnig_rate: unknown key. Did you mean 'learning_rate'\? The keys of optim "
                              r"\(Optim\) are: learning_rate, schedule, clip_norm."),
