@@ -33,6 +33,7 @@ def main() -> None:
 
   import dvl_jax
   from dvl_jax import testing
+  from dvl_jax.processing import chat
   from dvl_jax.captioning import Captioner, ResultFile, collect
   from dvl_jax.convert import convert_checkpoint
   from generate import SIZES
@@ -40,8 +41,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir, dvl_dir, images = (os.path.join(tmp, d) for d in ("hf", "dvl", "images"))
     proc = testing.hf_processor(hf_dir, num_image_tokens=576, size=384,
-                                chat_template=open(os.path.join(ROOT, "tests", "data",
-                                                                "deepseek_chat_template.jinja")).read().rstrip("\n"))
+                                chat_template=chat.hf_chat_template())
     s = SIZES["130m"]
     config = DeepseekVLConfig(
         text_config=dict(model_type="llama", max_position_embeddings=4096, **s["text"]),

@@ -20,6 +20,7 @@ from transformers import (DeepseekVLConfig, DeepseekVLForConditionalGeneration, 
 
 from dvl_jax import testing
 from dvl_jax.convert.keymap import param_path, to_target_layout
+from dvl_jax.processing import chat
 from dvl_jax.testing import BOS, EOS, IMAGE, hf_image_processor, write_tokenizer  # noqa: F401 (re-exported)
 
 IMAGE_TOKEN_ID = 5  # tiny vocabularies put <image_placeholder> low
@@ -299,8 +300,7 @@ def assistant(text):
 
 
 def chat_template() -> str:
-  with open(os.path.join(DATA, "deepseek_chat_template.jinja"), encoding="utf-8") as f:
-    return f.read().rstrip("\n")
+  return chat.hf_chat_template()
 
 
 def hf_processor(directory: str, hybrid: bool = False, num_image_tokens: int = 576, **sizes):

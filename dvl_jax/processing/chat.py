@@ -10,7 +10,12 @@ the same text (ARCHITECTURE.md 3.3).
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# transformers' Jinja rendering of this template, as its DeepSeek-VL conversion scripts write it into the -hf
+# checkpoints (the processor's chat_template); dvl_jax renders in Python below, byte for byte the same.
+HF_CHAT_TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_template.jinja")
 
 SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                  "that the user provides, and assist the user with a variety of tasks using natural language.")
@@ -151,3 +156,9 @@ def render(messages: list[Message], image_token: str, eos_token: str, add_genera
   if is_original_format(messages):
     return render_original(messages, eos_token, add_generation_prompt)
   return render_hf(messages, image_token, eos_token, add_generation_prompt)
+
+
+def hf_chat_template() -> str:
+  """The -hf checkpoints' Jinja chat template (for transformers' processor, and processor files we write)."""
+  with open(HF_CHAT_TEMPLATE_FILE, encoding="utf-8") as f:
+    return f.read().rstrip("\n")
