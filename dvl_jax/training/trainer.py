@@ -40,6 +40,7 @@ from dvl_jax import checkpoint
 from dvl_jax.config import ModelConfig, preset
 from dvl_jax.data.pipeline import DataIterator
 from dvl_jax.data.report import DataError
+from dvl_jax.generate import GenerationConfig
 from dvl_jax.model import Model, abstract_params, init_params
 from dvl_jax.processing.processor import Processor
 from dvl_jax.sharding import ShardingPlan, make_mesh
@@ -222,6 +223,22 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
   return d
 
 
+def check_processor(processor: Processor, config: ModelConfig, where: str) -> None:
+  """Raises ConfigError unless the processor's tokens are the model's: image tokens per image, the image token's
+  id, a vocabulary that fits the embedding."""
+  tok, problems = processor.tokenizer, []
+  if processor.image_config is not None and config.tokens_per_image != processor.num_image_tokens:
+    problems.append(f"it gives {processor.num_image_tokens} tokens an image; the model takes {config.tokens_per_image}")
+  if tok.image_token_id != config.image_token_id:
+    problems.append(f"its {tok.image_token} is id {tok.image_token_id}; the model's image_token_id is "
+                    f"{config.image_token_id}")
+  if tok.vocab_size > config.text.vocab_size:
+    problems.append(f"its vocabulary has {tok.vocab_size} tokens; the model embeds {config.text.vocab_size}")
+  if problems:
+    raise ConfigError(f"The processor in {where!r} is not the model's: " + "; ".join(problems) +
+                      ". model.processor (or init_from's tokenizer files) must be the model's own.")
+
+
 def make_plan(experiment: Experiment, devices: Sequence[jax.Device] | None = None) -> ShardingPlan:
   """The run's ShardingPlan: train.mesh over `devices` (default every device of every process)."""
   t = experiment.train
@@ -240,6 +257,15 @@ def initial_params(experiment: Experiment, config: ModelConfig, plan: ShardingPl
 
 
 # ----- evaluation -----
+def sample_generation_config(processor_dir: str, processor: Processor) -> GenerationConfig:
+  """What the samples stop at: the processor directory's generation_config.json (which the export copies), else
+  the tokenizer's EOS."""
+  config = GenerationConfig.read(processor_dir)
+  if config.eos_token_id is None and processor.tokenizer.eos_token_id is not None:
+    config = config.override(eos_token_id=processor.tokenizer.eos_token_id)
+  return config
+
+
 class Evaluator:
   """Loss on eval_data's first `eval_steps` batches (the same ones each time) and greedy samples."""
 
@@ -339,9 +365,7 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
   check_batch(experiment, plan)
   config = model_config(experiment.model)
   processor = Processor.from_pretrained(experiment.model.processor_dir)
-  if processor.image_config is not None and config.tokens_per_image != processor.num_image_tokens:
-    raise ConfigError(f"The processor in {experiment.model.processor_dir!r} gives {processor.num_image_tokens} tokens "
-                      f"an image; the model takes {config.tokens_per_image}. model.processor must be the model's.")
+  check_processor(processor, config, experiment.model.processor_dir)
   lock = RunLock(run_dir) if writer else None
   checkpoints = data = metrics_log = None
   try:
@@ -371,7 +395,9 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
     else:
       say(f"{'Resuming ' + run_dir + ' at step ' + str(step) if start is not None else 'Starting ' + run_dir}: "
           f"{t.steps} steps, {plan}, {jax.process_count()} process(es)")
-    model = Model(config, state.params, plan=plan)  # its module (vocabulary padded as the plan pads it)
+    # Its module (the vocabulary padded as the plan pads it), and for the samples, the EOS the export will have.
+    model = Model(config, state.params, plan=plan,
+                  generation_config=sample_generation_config(experiment.model.processor_dir, processor))
     module = model.module.clone(remat_policy=experiment.model.remat)
     step_fn = jit_train_step(module, experiment.optimizer, microbatches=t.microbatches, plan=plan)
     evaluator = Evaluator(experiment, model, processor, plan, like) if t.eval_every else None

@@ -15,7 +15,8 @@ import yaml
 import dvl_jax
 from dvl_jax.training.experiment import load_experiment
 from dvl_jax.training.metrics import read_metrics
-from dvl_jax.training.trainer import CHECKPOINTS, RUN_CONFIG, RunLock, export_run, train
+from dvl_jax.processing import Processor
+from dvl_jax.training.trainer import CHECKPOINTS, RUN_CONFIG, RunLock, export_run, sample_generation_config, train
 from dvl_jax.typed_config import ConfigError
 from training.runs import ENV, ONE, ROOT, curve as _curve, experiment as _run
 
@@ -124,6 +125,27 @@ def test_an_init_checkpoint_of_another_architecture_is_refused(run_files, tmp_pa
   with pytest.raises(ConfigError, match=r"is not a 'tiny' model(.|\n)*text.vocab_size: preset 256, checkpoint"):
     train(experiment, progress=False, devices=ONE)
   assert not os.path.exists(experiment.train.run_dir)
+
+
+def test_a_processor_that_is_not_the_models_is_refused(run_files, tmp_path):
+  """The shapes preset (64 tokens an image, <image_placeholder> at id 2) with the tiny model's tokenizer."""
+  experiment = _run(run_files, tmp_path, "run", ["model.init_from=null", "model.preset=shapes",
+                                                 f"model.processor={run_files / 'init'}"])
+  with pytest.raises(ConfigError, match=r"is not the model's: it gives 16 tokens an image; the model takes 64; its "
+                                        r"<image_placeholder> is id \d+; the model's image_token_id is 2"):
+    train(experiment, progress=False, devices=ONE)
+  assert not os.path.exists(experiment.train.run_dir)
+
+
+def test_samples_stop_where_the_export_will(run_files, tmp_path):
+  """Greedy samples end at the EOS of the processor's generation_config.json, or at its tokenizer's EOS."""
+  processor = Processor.from_pretrained(run_files / "init")
+  eos = processor.tokenizer.eos_token_id
+  with open(run_files / "init" / "generation_config.json") as f:
+    assert sample_generation_config(str(run_files / "init"), processor).eos_token_id == (json.load(f)["eos_token_id"],)
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  assert sample_generation_config(str(bare), processor).eos_token_id == (eos,)
 
 
 def test_a_batch_that_does_not_divide_over_the_data_parallel_devices_is_refused(run_files, tmp_path):
