@@ -266,9 +266,23 @@ def tiny_hybrid() -> ModelConfig:
       aligner=AlignerConfig(kind="hybrid_split_mlp_gelu", in_dim=32, high_res_in_dim=32, out_dim=64))
 
 
+def shapes() -> ModelConfig:
+  """The shapes captioner (configs/shapes/, shipped as the default checkpoint): SigLIP-style (4 x 128) at 128 px with
+  16 px patches (64 image tokens), a 4 x 192 LLaMA; its tokenizer (dvl_jax.data.shapes) puts
+  <image_placeholder> at id 2."""
+  return ModelConfig(
+      text=LlamaConfig(vocab_size=512, embed_dim=192, mlp_dim=512, num_layers=4, num_heads=4, num_kv_heads=4,
+                       head_dim=48, max_position_embeddings=512),
+      vision=SiglipConfig(image_size=128, patch_size=16, embed_dim=128, mlp_dim=512, num_layers=4, num_heads=4),
+      aligner=AlignerConfig(in_dim=128, out_dim=192),
+      image_token_id=2,
+  )
+
+
 PRESETS = {
     "deepseek-vl-1.3b-chat": deepseek_vl_1_3b,
     "deepseek-vl-7b-chat": deepseek_vl_7b,
+    "shapes": shapes,
     "tiny": tiny,
     "tiny-hybrid": tiny_hybrid,
 }

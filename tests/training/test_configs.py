@@ -26,7 +26,7 @@ TABLE_4 = {
 
 
 def test_every_config_loads():
-  assert len(CONFIGS) == 7
+  assert len(CONFIGS) == 10
   for path in CONFIGS:
     load_experiment(path)
 

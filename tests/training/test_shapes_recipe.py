@@ -1,0 +1,40 @@
+"""configs/shapes/: the recipe of the shipped model, cut down (a small dataset, a few steps of each stage, its own
+YAML files with overrides), so that it cannot rot: the three stages run, each from the export of the one before,
+and the loss falls."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dvl_jax.data import shapes
+from dvl_jax.training.experiment import load_experiment
+from dvl_jax.training.trainer import train
+from training.runs import ONE, ROOT, curve
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_recipe_trains_its_three_stages_and_the_loss_falls(tmp_path):
+  data = tmp_path / "shapes"
+  shapes.write_dataset(str(data), train=96, eval=8, test=0, seed=5)
+  common = [f"data.sources.0.path={data / 'train.jsonl'}", "data.batch_size=8", "data.buckets=[192]",
+            "train.log_every=1", "train.checkpoint_every=100"]
+  stage1 = load_experiment(os.path.join(ROOT, "configs/shapes/stage1_aligner.yaml"), common + [
+      f"model.processor={data / 'processor'}", f"train.run_dir={tmp_path / 'stage1'}", "train.steps=2",
+      "optimizer.warmup_steps=1"])
+  assert train(stage1, progress=False, devices=ONE).export == str(tmp_path / "stage1" / "export")
+
+  stage2 = load_experiment(os.path.join(ROOT, "configs/shapes/stage2_decoder.yaml"), common + [
+      f"model.init_from={tmp_path / 'stage1' / 'export'}", f"train.run_dir={tmp_path / 'stage2'}", "train.steps=2",
+      "optimizer.warmup_steps=1"])
+  assert train(stage2, progress=False, devices=ONE).export == str(tmp_path / "stage2" / "export")
+
+  stage3 = load_experiment(os.path.join(ROOT, "configs/shapes/stage3_joint.yaml"), common + [
+      f"model.init_from={tmp_path / 'stage2' / 'export'}", f"train.run_dir={tmp_path / 'stage3'}",
+      "train.steps=14", "optimizer.warmup_steps=2", "train.eval_every=0", "train.samples=[]",
+      f"eval_data.sources.0.path={data / 'eval.jsonl'}"])
+  result = train(stage3, progress=False, devices=ONE)
+  losses = [loss for _, loss, _, _ in curve(tmp_path / "stage3")]
+  assert len(losses) == 14 and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+  assert os.path.isfile(os.path.join(result.export, "tokenizer.json"))
