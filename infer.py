@@ -1,6 +1,9 @@
 """Batch captioning: one JSON line per image, resumable.
 
-  python infer.py --ckpt CKPT_DIR --images PATH [PATH ...] --out captions.jsonl [--prompt "Describe this image."]
+  python infer.py [--ckpt CKPT_DIR] --images PATH [PATH ...] --out captions.jsonl [--prompt "Describe this image."]
+
+--ckpt: a checkpoint converted by convert/torch_to_orbax.py or exported by train.py; without it, the shapes
+captioner that ships in the package (dvl_jax/assets: it knows coloured circles, squares and triangles only).
 
 PATH: an image file, a directory (searched recursively for image files), a glob ("photos/**/*.jpg") or a manifest
 (.txt: one image per line; .jsonl: {"image": ..., "prompt": ...} per line). Each output line has image, prompt,
@@ -23,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="a checkpoint converted by convert/torch_to_orbax.py")
+  p.add_argument("--ckpt", default=None, help="a checkpoint converted by convert/torch_to_orbax.py or exported "
+                 "by train.py (default: the shapes captioner shipped in the package)")
   p.add_argument("--images", required=True, nargs="+", metavar="PATH")
   p.add_argument("--out", required=True, help="the JSONL to append to (and resume from)")
   p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user's text, after the image (default: %(default)r)")
@@ -83,8 +87,9 @@ def main(argv=None) -> int:
     results = ResultFile(args.out)
     if args.compilation_cache:
       dvl_jax.enable_compilation_cache(args.compilation_cache)
-    model = dvl_jax.load(args.ckpt, dtype=args.dtype, mesh=args.mesh)
-    processor = dvl_jax.Processor.from_pretrained(args.ckpt)
+    ckpt = args.ckpt if args.ckpt is not None else dvl_jax.default_checkpoint()
+    model = dvl_jax.load(ckpt, dtype=args.dtype, mesh=args.mesh)
+    processor = dvl_jax.Processor.from_pretrained(ckpt)
     captioner = Captioner(model, processor, prompt=args.prompt, batch_size=args.batch_size, workers=args.workers,
                           max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,

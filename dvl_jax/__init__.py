@@ -15,8 +15,9 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags and _simulated
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") +
                               " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
+from dvl_jax.assets import default_checkpoint
 from dvl_jax.config import (AlignerConfig, LlamaConfig, ModelConfig, SamConfig, SiglipConfig, deepseek_vl_1_3b,
-                            deepseek_vl_7b, preset, tiny, tiny_hybrid)
+                            deepseek_vl_7b, preset, shapes, tiny, tiny_hybrid)
 from dvl_jax.generate import GenerationConfig, GenerationOutput, enable_compilation_cache
 from dvl_jax.model import Model, abstract_params, init_params, load
 # After dvl_jax.model: importing dvl_jax.convert loads the converter, which imports the model.
@@ -28,7 +29,8 @@ from dvl_jax.sharding import MeshSpec, ShardingPlan, make_mesh
 __all__ = [
     "AlignerConfig", "GenerationConfig", "KVCache", "LlamaConfig", "MeshSpec", "Model", "ModelConfig", "Processor",
     "SamConfig", "ShardingPlan", "SiglipConfig", "make_mesh",
-    "GenerationOutput", "abstract_params", "deepseek_vl_1_3b", "deepseek_vl_7b", "enable_compilation_cache",
+    "GenerationOutput", "abstract_params", "deepseek_vl_1_3b", "deepseek_vl_7b", "default_checkpoint",
+    "enable_compilation_cache",
     "from_hf_config", "init_params", "load",
-    "preset", "tiny", "tiny_hybrid",
+    "preset", "shapes", "tiny", "tiny_hybrid",
 ]
