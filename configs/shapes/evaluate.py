@@ -33,11 +33,16 @@ def main(argv=None) -> int:
   p.add_argument("--batch-size", type=int, default=32)
   args = p.parse_args(argv)
 
+  if not os.path.isfile(args.data):
+    p.error(f"--data {args.data!r}: no such file; give a split's JSONL written by `python -m dvl_jax.data.shapes`")
   records = shapes.read_split(args.data)[:args.limit]
   items = [Item(image, prompt) for image, prompt, _, _ in shapes.expected_answers(records)]
   answers_path = args.answers or os.path.splitext(args.out)[0] + ".answers.jsonl"
-  ckpt = args.ckpt or dvl_jax.default_checkpoint()
-  model, processor = dvl_jax.load(ckpt), dvl_jax.Processor.from_pretrained(ckpt)
+  try:
+    ckpt = args.ckpt or dvl_jax.default_checkpoint()
+    model, processor = dvl_jax.load(ckpt), dvl_jax.Processor.from_pretrained(ckpt)
+  except (FileNotFoundError, ValueError) as e:
+    p.error(f"--ckpt: {e}")
   captioner = Captioner(model, processor, batch_size=args.batch_size, max_new_tokens=shapes.MAX_ANSWER_TOKENS)
   results = ResultFile(answers_path)
   try:

@@ -304,8 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   if os.path.exists(os.path.join(args.out_dir, "train.jsonl")):
     p.error(f"{args.out_dir} already holds a dataset (train.jsonl); give a new directory")
-  write_dataset(args.out_dir, train=args.train, eval=args.eval, test=args.test, seed=args.seed,
-                image_size=args.image_size, vocab_size=args.vocab_size)
+  try:
+    write_dataset(args.out_dir, train=args.train, eval=args.eval, test=args.test, seed=args.seed,
+                  image_size=args.image_size, vocab_size=args.vocab_size)
+  except OSError as e:
+    p.error(f"cannot write the dataset to {args.out_dir}: {e}")
   return 0
 
 

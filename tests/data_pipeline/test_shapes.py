@@ -139,3 +139,10 @@ def test_cli_refuses_an_existing_dataset(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     shapes.main([str(tmp_path), "--train", "2"])
   assert e.value.code == 2 and "already holds a dataset" in capsys.readouterr().err
+
+
+def test_cli_explains_a_directory_it_cannot_write(tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(SystemExit) as e:
+    shapes.main([str(tmp_path / "a_file" / "shapes"), "--train", "2", "--eval", "1", "--test", "1"])
+  assert e.value.code == 2 and "cannot write the dataset to" in capsys.readouterr().err
