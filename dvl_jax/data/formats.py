@@ -25,7 +25,6 @@ from dvl_jax.data.config import SourceConfig
 from dvl_jax.processing import chat
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE_TAG = re.compile(r"\s*(?:<image>|<image_placeholder>)\s*")
 
 
 class BadRecord(ValueError):
@@ -86,11 +85,11 @@ def _llava(value: dict[str, Any], root: str) -> Conversation:
     if role is None:
       raise BadRecord(f"turn {i} has the unknown role {turn.get('from')!r}; expected one of {sorted(ROLES)}")
     content = []
-    for j, text in enumerate(IMAGE_TAG.split(turn["value"])):  # text, image, text, image, ..., text
-      if j:
+    for text in chat.split_image_tags(turn["value"]):
+      if text is None:
         content.append({"type": "image", "image": refs[tags] if tags < len(refs) else None})
         tags += 1
-      if text:
+      else:
         content.append({"type": "text", "text": text})
     messages.append({"role": role, "content": content or [{"type": "text", "text": ""}]})
   if tags != len(refs):

@@ -11,6 +11,7 @@ the same text (ARCHITECTURE.md 3.3).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 # transformers' Jinja rendering of this template, as its DeepSeek-VL conversion scripts write it into the -hf
@@ -21,6 +22,21 @@ SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able 
                  "that the user provides, and assist the user with a variety of tasks using natural language.")
 USER_SEP = "\n\n"
 Message = dict[str, Any]
+# An image's place in a message's text: LLaVA's tag or DeepSeek's token; the whitespace around it is not text.
+IMAGE_TAG = re.compile(r"\s*(?:<image>|<image_placeholder>)\s*")
+
+
+def split_image_tags(text: str) -> list[str | None]:
+  """A message's text -> its parts in order: text, or None where an image tag stands, so that
+  "<image>\\nWhat is it?" -> [None, "What is it?"] renders as DeepSeek-VL's prompts do ("<image_placeholder>What
+  is it?"); empty text between tags is dropped."""
+  parts: list[str | None] = []
+  for j, piece in enumerate(IMAGE_TAG.split(text)):  # text, image, text, image, ..., text
+    if j:
+      parts.append(None)
+    if piece:
+      parts.append(piece)
+  return parts
 
 
 def is_original_format(messages: list[Message]) -> bool:

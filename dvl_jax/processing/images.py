@@ -114,6 +114,8 @@ def load_image(src: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except OSError as e:
       raise ImageError(f"Cannot fetch image {name}: {e}.") from e
     return _open_bytes(data, name, max_pixels)
+  if os.path.isdir(s):
+    raise ImageError(f"Cannot read image {name}: it is a directory; give an image file.")
   if not os.path.isfile(s):
     raise FileNotFoundError(f"Image file {name} does not exist.")
   with open(s, "rb") as f:

@@ -1,0 +1,96 @@
+"""chat.py in a pseudo-terminal, as a person types: images, two turns, /reset, a broken path, Ctrl-C during an
+answer, /exit and Ctrl-D."""
+
+import os
+import re
+
+import pexpect
+import pytest
+
+from chat_helpers import EXAMPLES, PYTHON, ROOT, user_env
+
+# pexpect forks this (JAX-threaded) process, and execs chat.py at once: JAX's warning about fork does not apply.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:os.fork")]
+PROMPT = "User: "
+IMAGE_PROMPT = "User [1 image]: "
+
+
+def _spawn(*args):
+  child = pexpect.spawn(PYTHON, [os.path.join(ROOT, "chat.py"), *args], cwd=ROOT, env=user_env(), encoding="utf-8",
+                        timeout=120, dimensions=(50, 200))
+  child.expect_exact("/help for commands")
+  child.expect_exact(PROMPT)
+  return child
+
+
+def _answer(child, prompt=PROMPT) -> str:
+  """The answer's line, read up to the next prompt."""
+  child.expect_exact("Assistant: ")
+  child.expect_exact(prompt)
+  return child.before.strip()
+
+
+def test_a_two_turn_chat_on_the_shipped_model_with_no_arguments():
+  child = _spawn()
+  child.sendline(f"/image {EXAMPLES}/shapes_02.jpg {EXAMPLES}/no-such-image.png")
+  child.expect_exact("Attached")
+  child.expect_exact("no-such-image.png' does not exist")  # the broken path is a message; the good one stays
+  child.expect_exact(IMAGE_PROMPT)
+  child.sendline("Describe this image.")
+  first = _answer(child)
+  assert re.fullmatch(r"an? \w+ (circle|square|triangle)((, | and )an? \w+ (circle|square|triangle))*", first), first
+  child.sendline("How many shapes are there?")
+  assert _answer(child) in ("one", "two", "three")  # the second turn is about the image of the first
+
+  child.sendline("/image tests/data/captions.jsonl")  # not an image
+  child.expect_exact("not an image file")
+  child.expect_exact(PROMPT)  # nothing attached
+  child.sendline("<image_placeholder> What colour is the circle?")  # the official CLI's inline image
+  child.expect_exact("(1/1) Image path or URL")
+  child.sendline("examples/images/missing.jpg")
+  child.expect_exact("does not exist")
+  child.expect_exact("(1/1) Image path or URL")
+  child.sendline("examples/images/shapes_02.jpg")
+  assert _answer(child) in ("red", "green", "blue", "yellow", "purple", "orange")
+
+  child.sendline("/reset")
+  child.expect_exact("New conversation")
+  child.sendline("/bogus")
+  child.expect_exact("Unknown command /bogus")
+  child.sendline("/exit")
+  child.expect(pexpect.EOF)
+  child.close()
+  assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(never_ending_ckpt):
+  child = _spawn("--ckpt", never_ending_ckpt, "--greedy", "--max-new-tokens", "200")
+  child.sendline(f"/image {EXAMPLES}/shapes_00.jpg")
+  child.expect_exact(IMAGE_PROMPT)
+  child.sendline("Describe this image.")
+  child.expect_exact("Assistant: ")
+  child.expect(r"\S{5}")  # the answer is streaming
+  child.sendintr()  # Ctrl-C
+  child.expect_exact(" [stopped]")
+  child.expect_exact(PROMPT)
+  child.sendintr()  # at the prompt: a reminder, not an exit
+  child.expect_exact("/exit or Ctrl-D quits")
+  child.sendline("And now?")  # the chat goes on, with the stopped answer in its history
+  child.expect_exact("Assistant: ")
+  child.expect_exact(" [cut at the length limit]", timeout=120)
+  child.expect_exact(PROMPT)
+  child.sendeof()  # Ctrl-D
+  child.expect(pexpect.EOF)
+  child.close()
+  assert child.exitstatus == 0
+
+
+def test_bad_arguments_exit_2_before_loading():
+  for args, message in [(["--ckpt", "/no/such/dir"], "is not a directory"), (["--top-p", "2"], "--top-p must be"),
+                        (["--max-new-tokens", "0"], "--max-new-tokens must be")]:
+    child = pexpect.spawn(PYTHON, [os.path.join(ROOT, "chat.py"), *args], cwd=ROOT, env=user_env(),
+                          encoding="utf-8", timeout=60)
+    child.expect_exact(message)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2 and "Loading" not in child.before
