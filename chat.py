@@ -14,52 +14,51 @@ In the chat:
   /help                    this help
   /exit, Ctrl-D            quit
   Ctrl-C                   stop the answer being written (the chat goes on; the answer keeps its text so far)
-The sampling defaults are the official cli_chat.py's; --greedy (or --temperature 0) decodes greedily. When the
-history outgrows the model's context, the oldest turns are left out of the prompt, and the chat says so.
+The sampling defaults are the checkpoint's generation_config.json's, else the official cli_chat.py's (temperature
+0.2, top-p 0.95, repetition penalty 1.1, 512 new tokens; the shipped shapes captioner's: greedy, no penalty);
+--greedy (or --temperature 0) decodes greedily, a --temperature above 0 samples. When the history outgrows the
+model's context, the oldest turns are left out of the prompt, and the chat says so.
 Exit status: 0 after /exit or Ctrl-D, 2 bad arguments or a checkpoint that cannot be loaded.
 """
 
 import argparse
-import os
+import dataclasses
 import shlex
 import sys
 
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   from dvl_jax.chat import Sampling
+  from dvl_jax.chat.cli import add_model_args, check_model_args
 
-  defaults = Sampling()
+  official = Sampling()
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", default=None, help="a checkpoint directory (default: the shapes captioner shipped in "
-                 "the package)")
-  p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default: %(default)s)")
-  p.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
-  p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: off (default: %(default)s)")
-  p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
-                 help="1.0: off (default: %(default)s)")
-  p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="(default: %(default)s)")
+  add_model_args(p)
+  default = "default: the checkpoint's generation_config.json, else the official %s"
+  p.add_argument("--temperature", type=float, help="0: greedy (" + default % official.temperature + ")")
+  p.add_argument("--top-p", type=float, help=f"({default % official.top_p})")
+  p.add_argument("--top-k", type=int, help=f"0: off ({default % official.top_k})")
+  p.add_argument("--repetition-penalty", type=float, help=f"1.0: off ({default % official.repetition_penalty})")
+  p.add_argument("--max-new-tokens", type=int, help=f"({default % official.max_new_tokens})")
   p.add_argument("--greedy", action="store_true", help="greedy decoding (the temperature and top-p are unused)")
-  p.add_argument("--seed", type=int, default=None, help="fixes the samples (default: new ones each run)")
-  p.add_argument("--max-context-tokens", type=int, default=None,
-                 help="the longest prompt to send; older turns are left out (default: what the model takes, "
-                      "less the answer's room)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                 help="params and compute dtype (default: the checkpoint's)")
   args = p.parse_args(argv)
+  # The flags given, over the checkpoint's defaults once it is loaded; a temperature above 0 asks to sample.
+  args.sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+  if args.greedy:
+    args.sampling["greedy"] = True
+  elif args.sampling.get("temperature", 0) > 0:
+    args.sampling["greedy"] = False
   try:
-    args.sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                             greedy=args.greedy)
+    Sampling(**args.sampling)
   except ValueError as e:  # its message names the field; give it the flag's name
     message = str(e)
-    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
+    for name in SAMPLING_FLAGS:
       message = message.replace(name, "--" + name.replace("_", "-"))
     p.error(message)
-  if args.max_context_tokens is not None and args.max_context_tokens < 1:
-    p.error(f"--max-context-tokens must be >= 1, got {args.max_context_tokens}.")
-  if args.ckpt is not None and not os.path.isdir(args.ckpt):
-    p.error(f"--ckpt {args.ckpt!r} is not a directory; give a checkpoint directory written by "
-            "convert/torch_to_orbax.py or train.py, or omit --ckpt for the shipped shapes captioner.")
+  check_model_args(p, args)
   return args
 
 
@@ -206,16 +205,17 @@ def main(argv=None) -> int:
     import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
   except ImportError:
     pass
-  from dvl_jax.chat import Chatbot
+  from dvl_jax.chat.cli import load_chatbot
 
-  print("Loading the model...", file=sys.stderr, flush=True)
-  try:
-    bot = Chatbot.load(args.ckpt, dtype=args.dtype, max_context_tokens=args.max_context_tokens, seed=args.seed)
-  except (OSError, ValueError) as e:
-    print(f"chat.py: cannot load the checkpoint: {e}", file=sys.stderr)
+  bot = load_chatbot("chat.py", args)
+  if bot is None:
     return 2
-  return TerminalChat(bot, args.sampling).run()
+  sampling = dataclasses.replace(bot.sampling, **args.sampling)
+  print(f"Sampling: {sampling.describe()}.", file=sys.stderr)
+  return TerminalChat(bot, sampling).run()
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from dvl_jax.chat.cli import run
+
+  run(main)

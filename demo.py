@@ -5,9 +5,9 @@
 
 Open the printed URL. Upload one or more images with the message box's paperclip (or click an example), ask,
 and the answer streams in; later questions see the history. Stop ends the answer being written (it keeps its
-text so far), Clear starts over, and the sliders set the sampling (temperature 0 is greedy; the defaults are
-the official demo's and cli_chat.py's). When the history outgrows the model's context, the oldest turns are
-left out of the prompt, and the page says so.
+text so far), Clear starts over, and the sliders set the sampling (temperature 0 is greedy; they start at the
+checkpoint's generation_config.json, else at the official cli_chat.py's defaults). When the history outgrows
+the model's context, the oldest turns are left out of the prompt, and the page says so.
 
 Several users: each browser session has its own conversation; answers are generated one at a time, in a queue
 that shows each user their place. One user's stop, error or bad upload touches no one else's chat.
@@ -28,25 +28,18 @@ SHAPES_QUESTIONS = ["Describe this image.", "How many shapes are there?", "What 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  from dvl_jax.chat.cli import add_model_args, check_model_args
+
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", default=None, help="a checkpoint directory (default: the shapes captioner shipped in "
-                 "the package)")
+  add_model_args(p)
   p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s; 0.0.0.0 "
                  "opens the demo to your network)")
   p.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
-  p.add_argument("--max-context-tokens", type=int, default=None,
-                 help="the longest prompt to send; older turns are left out (default: what the model takes, "
-                      "less the answer's room)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                 help="params and compute dtype (default: the checkpoint's)")
-  p.add_argument("--seed", type=int, default=None, help="fixes the samples (default: new ones each run)")
   args = p.parse_args(argv)
   if not 0 < args.port < 65536:
     p.error(f"--port must be in 1..65535, got {args.port}.")
-  if args.ckpt is not None and not os.path.isdir(args.ckpt):
-    p.error(f"--ckpt {args.ckpt!r} is not a directory; give a checkpoint directory written by "
-            "convert/torch_to_orbax.py or train.py, or omit --ckpt for the shipped shapes captioner.")
+  check_model_args(p, args)
   return args
 
 
@@ -94,7 +87,7 @@ def build(bot, examples_dir: str = EXAMPLES_DIR):
   from dvl_jax.chat import ContextTooLong, Sampling
   from dvl_jax.processing.images import load_image
 
-  defaults = Sampling()
+  defaults = bot.sampling  # the checkpoint's generation_config.json over the official defaults
   max_new_limit = bot.max_positions // 2  # Chatbot.context_tokens keeps at most half the positions for the answer
 
   def add_message(message, session):
@@ -166,7 +159,7 @@ def build(bot, examples_dir: str = EXAMPLES_DIR):
     gr.Markdown(title)
     with gr.Row():
       with gr.Column(scale=3):
-        chatbot = gr.Chatbot(elem_id="chat", label="Chat", height=440, buttons=["copy"])
+        chatbot = gr.Chatbot(elem_id="chat", label="Chat", height=600, buttons=["copy"])
         box = gr.MultimodalTextbox(elem_id="question", file_types=["image"], file_count="multiple",
                                    sources=["upload"], placeholder="Ask about your images (the clip uploads them)",
                                    show_label=False, submit_btn=False)
@@ -176,8 +169,8 @@ def build(bot, examples_dir: str = EXAMPLES_DIR):
           reset = gr.Button("Clear", elem_id="clear")
         status = gr.Markdown(elem_id="status")
       with gr.Column(scale=1):
-        temperature = gr.Slider(0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)",
-                                elem_id="temperature")
+        temperature = gr.Slider(0, 1.5, value=defaults.temperature if defaults.do_sample else 0, step=0.05,
+                                label="Temperature (0: greedy)", elem_id="temperature")
         top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", elem_id="top-p")
         repetition_penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05,
                                        label="Repetition penalty (1: off)", elem_id="repetition-penalty")
@@ -212,13 +205,10 @@ def main(argv=None) -> int:
     print('demo.py: the web demo needs Gradio: pip install -e ".[demo]" (or pip install gradio==6.31.0).',
           file=sys.stderr)
     return 2
-  from dvl_jax.chat import Chatbot
+  from dvl_jax.chat.cli import load_chatbot
 
-  print("Loading the model...", file=sys.stderr, flush=True)
-  try:
-    bot = Chatbot.load(args.ckpt, dtype=args.dtype, max_context_tokens=args.max_context_tokens, seed=args.seed)
-  except (OSError, ValueError) as e:
-    print(f"demo.py: cannot load the checkpoint: {e}", file=sys.stderr)
+  bot = load_chatbot("demo.py", args)
+  if bot is None:
     return 2
   demo = build(bot)
   try:
@@ -233,4 +223,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from dvl_jax.chat.cli import run
+
+  run(main)

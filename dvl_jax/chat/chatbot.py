@@ -3,7 +3,7 @@
   bot = Chatbot.load()                                   # the shipped shapes captioner; or Chatbot.load(ckpt)
   conversation = Conversation()
   conversation.add_user("Describe this image.", [load_image("examples/images/shapes_00.png")])
-  reply = bot.reply(conversation, Sampling(temperature=0))   # fits the prompt now: ContextTooLong, notice
+  reply = bot.reply(conversation)                        # fits the prompt now (ContextTooLong), notice
   for piece in reply:                                    # the answer's text as it is generated
     print(piece, end="", flush=True)
   reply.finish_reason                                    # "stop" (EOS), "length" or "stopped" (closed early)
@@ -17,6 +17,7 @@ conversations; the web demo runs one reply at a time (its queue), and each conve
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from typing import Any, Iterator
@@ -25,7 +26,7 @@ import numpy as np
 
 from dvl_jax.chat.conversation import Conversation, Prompt
 from dvl_jax.chat.detokenizer import IncrementalDetokenizer
-from dvl_jax.generate import bucket_length
+from dvl_jax.generate import GENERATION_CONFIG_FILE, bucket_length
 from dvl_jax.sampling import SamplingConfig
 
 
@@ -41,6 +42,31 @@ class Sampling:
   repetition_penalty: float = 1.1
   max_new_tokens: int = 512
   greedy: bool = False
+
+  @classmethod
+  def from_checkpoint(cls, directory: str | os.PathLike) -> Sampling:
+    """The official defaults, with what the checkpoint's generation_config.json sets, as transformers' generate
+    takes them: do_sample false is greedy; temperature, top_p, top_k, repetition_penalty, max_new_tokens. (The
+    DeepSeek-VL checkpoints set none; the shapes captioner sets greedy and no penalty: its exact answers repeat
+    words, "an orange square and an orange circle", which a penalty of 1.1 talks it out of.)"""
+    path = os.path.join(os.fspath(directory), GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+      return cls()
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+    fields = {k: raw[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+              if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+      fields["greedy"] = True
+    try:
+      return cls(**fields)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{path}: {e}") from e
+
+  def describe(self) -> str:
+    how = "greedy" if not self.do_sample else f"temperature {self.temperature}, top-p {self.top_p}" + (
+        f", top-k {self.top_k}" if self.top_k else "")
+    return f"{how}, repetition penalty {self.repetition_penalty}, at most {self.max_new_tokens} new tokens"
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -68,16 +94,18 @@ class Chatbot:
     name: the checkpoint's directory name, for display.
     max_context_tokens: the longest prompt to send, or None: the model's positions less the room kept for the
       answer (`context_tokens`).
+    sampling: the default Sampling of `reply` (`load`: the checkpoint's, Sampling.from_checkpoint).
   """
 
   def __init__(self, model: Any, processor: Any, *, name: str = "model", max_context_tokens: int | None = None,
-               seed: int | None = None):
+               seed: int | None = None, sampling: Sampling | None = None):
     if max_context_tokens is not None and max_context_tokens < 1:
       raise ValueError(f"max_context_tokens must be >= 1, got {max_context_tokens}.")
     self.model = model
     self.processor = processor
     self.name = name
     self.max_context_tokens = max_context_tokens
+    self.sampling = sampling or Sampling()
     self._seeds = random.Random(seed)  # each reply's sampling seed: fixed by `seed`, else fresh each run
     eos = model.generation_config.eos_token_id or ()
     if not eos and processor.tokenizer.eos_token_id is not None:
@@ -94,7 +122,8 @@ class Chatbot:
     model = dvl_jax.load(path, dtype=dtype)
     processor = dvl_jax.Processor.from_pretrained(path)
     name = os.path.basename(os.path.normpath(path)) if ckpt is not None else "the shapes captioner (default)"
-    return cls(model, processor, name=name, max_context_tokens=max_context_tokens, seed=seed)
+    return cls(model, processor, name=name, max_context_tokens=max_context_tokens, seed=seed,
+               sampling=Sampling.from_checkpoint(path))
 
   @property
   def max_positions(self) -> int:
@@ -107,10 +136,11 @@ class Chatbot:
     budget = self.max_positions - min(sampling.max_new_tokens, self.max_positions // 2)
     return min(budget, self.max_context_tokens) if self.max_context_tokens else budget
 
-  def reply(self, conversation: Conversation, sampling: Sampling = Sampling(), seed: int | None = None) -> Reply:
-    """Starts the answer to the conversation's last (unanswered) user message. Fitting the prompt happens here,
-    so ContextTooLong (the message alone is too long) is raised before any text; nothing is generated until
-    the Reply is iterated."""
+  def reply(self, conversation: Conversation, sampling: Sampling | None = None, seed: int | None = None) -> Reply:
+    """Starts the answer to the conversation's last (unanswered) user message (sampling: default
+    `self.sampling`). Fitting the prompt happens here, so ContextTooLong (the message alone is too long) is
+    raised before any text; nothing is generated until the Reply is iterated."""
+    sampling = sampling or self.sampling
     if not conversation.turns or conversation.turns[-1].answer is not None:
       raise ValueError("The conversation has no unanswered user message to reply to; add_user first.")
     context = self.context_tokens(sampling)

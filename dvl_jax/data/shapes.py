@@ -197,6 +197,11 @@ def conversation(scene: Scene, qs: Sequence[Question], rng: np.random.Generator)
 
 
 # ----- the dataset -----
+# The model's sampling defaults (its generation_config.json, which the chat tools read): its answers are exact and
+# repeat words ("an orange square and an orange circle"), so greedy, with no repetition penalty.
+GENERATION = {"do_sample": False, "repetition_penalty": 1.0}
+
+
 def split_seed(seed: int, split: str) -> int:
   return seed * 1000 + SPLITS.index(split)
 
@@ -237,7 +242,7 @@ def write_dataset(out_dir: str, *, train: int, eval: int, test: int, seed: int =
     print(f"{split}: {count} images -> {os.path.join(out_dir, split + '.jsonl')}", flush=True)
   texts = training_texts(os.path.join(out_dir, "train.jsonl")) + list(NUMBERS) + list(COLOURS) + list(KINDS)
   write_processor(os.path.join(out_dir, "processor"), texts, image_size=image_size,
-                  num_image_tokens=num_image_tokens, vocab_size=vocab_size)
+                  num_image_tokens=num_image_tokens, vocab_size=vocab_size, generation=GENERATION)
   print(f"processor -> {os.path.join(out_dir, 'processor')}")
 
 

@@ -55,10 +55,12 @@ def _added(token_id: int, token: str) -> dict:
 
 
 def write_processor(directory: str, texts: Iterable[str], *, image_size: int, num_image_tokens: int,
-                    vocab_size: int, max_length: int = 4096) -> str:
+                    vocab_size: int, max_length: int = 4096, generation: dict | None = None) -> str:
   """Trains the tokenizer and writes the processor files to `directory` (replaced only once complete).
 
   num_image_tokens: the tokens each image stands for in the model ((image_size / patch_size) ** 2).
+  generation: sampling defaults for generation_config.json (transformers' keys: do_sample, temperature, ...),
+    which exported checkpoints carry and the chat tools start from.
   """
   tok = train_tokenizer(texts, vocab_size)
   tokenizer_config = {
@@ -80,7 +82,7 @@ def write_processor(directory: str, texts: Iterable[str], *, image_size: int, nu
       "processor_config.json": {"image_processor": image_processor, "processor_class": "DeepseekVLProcessor",
                                 "num_image_tokens": num_image_tokens},
       "generation_config.json": {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID,
-                                 "pad_token_id": EOS_TOKEN_ID},
+                                 "pad_token_id": EOS_TOKEN_ID, **(generation or {})},
   }
   with staged_directory(directory, overwrite=True, log=lambda _: None) as tmp:
     tok.save(os.path.join(tmp, "tokenizer.json"))

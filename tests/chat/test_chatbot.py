@@ -60,6 +60,18 @@ def test_sampling_follows_its_seed_and_the_official_defaults(bot):
   assert not Sampling(greedy=True).do_sample and not Sampling(temperature=0).do_sample and Sampling().do_sample
 
 
+def test_sampling_defaults_come_from_the_checkpoint_then_the_official_cli(tmp_path):
+  shipped = Sampling.from_checkpoint(dvl_jax.default_checkpoint())
+  assert shipped == Sampling(greedy=True, repetition_penalty=1.0) and not shipped.do_sample
+  assert Chatbot.load().sampling == shipped
+  assert Sampling.from_checkpoint(tmp_path) == Sampling()  # no generation_config.json
+  (tmp_path / "generation_config.json").write_text('{"eos_token_id": 1, "temperature": 0.7, "top_p": 0.9}')
+  assert Sampling.from_checkpoint(tmp_path) == Sampling(temperature=0.7, top_p=0.9)
+  (tmp_path / "generation_config.json").write_text('{"top_p": 7}')
+  with pytest.raises(ValueError, match=r"generation_config.json: top_p must be in \(0, 1\], got 7"):
+    Sampling.from_checkpoint(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def endless(never_ending_ckpt):
   return Chatbot.load(never_ending_ckpt, seed=0)

@@ -23,7 +23,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage",
                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost"]
-GREEDY = dict(repetition_penalty=1.1)  # the page's default penalty, with its temperature set to 0
+GREEDY = {}  # Model.generate's defaults, greedy with no penalty: the page's, from the checkpoint's generation_config
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_upload_ask_stream_and_follow_up_on_the_shipped_model(browser, shipped, 
   with serve() as url:  # no arguments but the port: the shipped model
     user = ChatPage(browser, url)
     user.upload(image)
-    user.set("temperature", 0)
+    assert user.page.input_value("#temperature input[type=number]") == "0"  # the checkpoint's: greedy
     user.send("Describe this image.", record=True)
     first = user.wait_answer()
     expected = generate_answer(model, processor, [user_message("Describe this image.", image)], **GREEDY)
@@ -161,7 +161,6 @@ def test_two_users_queue_and_one_users_stop_or_error_leaves_the_other_alone(brow
     a, b = ChatPage(browser, url), ChatPage(browser, url)
     for user, image in ((a, a_image), (b, b_image)):
       user.upload(image)
-      user.set("temperature", 0)
     a.set("max-new-tokens", 4000)
     b.set("max-new-tokens", 40)
     a.send("Describe this image.")
