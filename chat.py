@@ -24,6 +24,7 @@ Exit status: 0 after /exit or Ctrl-D, 2 bad arguments or a checkpoint that canno
 import argparse
 import dataclasses
 import shlex
+import signal
 import sys
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
@@ -176,30 +177,42 @@ class TerminalChat:
     attached = self.pending + inline
     self.conversation.add_user(text, [image for _, image in attached], [name for name, _ in attached])
     self.pending = []
-    reply = None
+    replies = []
+
+    def interrupt(signum, frame):  # Ctrl-C: the answer stops at its next token; before it starts, nothing is sent
+      if not replies:
+        raise KeyboardInterrupt
+      replies[0].stop()
+
+    # Once the answer runs, Ctrl-C sets a flag that the answer checks at every token, rather than raising where
+    # the signal happens to land (a CI run once saw a Ctrl-C that did not interrupt an answer; not reproduced).
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
-      reply = self.bot.reply(self.conversation, self.sampling)
-      if reply.notice:
-        self.say(f"[{reply.notice}]")
+      replies.append(self.bot.reply(self.conversation, self.sampling))
+      if replies[0].notice:
+        self.say(f"[{replies[0].notice}]")
       self.say("Assistant: ", end="")
-      for piece in reply:
+      for piece in replies[0]:
         self.say(piece, end="")
     except ContextTooLong as e:
       self.conversation.pop()
       self.say(f"Not sent: {e}")
       return
     except KeyboardInterrupt:
-      if reply is None:  # still preparing the prompt: nothing was sent
+      if not replies:  # still preparing the prompt
         self.conversation.pop()
         self.say("\n[stopped: the message was not sent]")
-      else:
-        reply.close()
-        self.say(" [stopped]")
-      return
-    self.say(" [cut at the length limit]" if reply.finish_reason == "length" else "")
+        return
+      replies[0].close()
+    finally:
+      signal.signal(signal.SIGINT, previous)
+    self.say({"stopped": " [stopped]", "length": " [cut at the length limit]"}.get(replies[0].finish_reason, ""))
 
 
 def main(argv=None) -> int:
+  # Ctrl-C must reach the chat even when this process started with SIGINT ignored (a non-interactive shell's
+  # background job does; an ignored signal stays ignored across exec).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   args = parse_args(argv)
   try:
     import readline  # noqa: F401  (line editing and history for input(), where the platform has it)

@@ -109,7 +109,10 @@ def build(bot, examples_dir: str = EXAMPLES_DIR):
         return message, session, chat_view(conversation), (f"Not sent: {os.path.basename(path)} is not a readable "
                                                            "image; remove it and try again.")
       images.append(image)
-    conversation.add_user(text or "Describe this image.", images, files)
+    try:
+      conversation.add_user(text or "Describe this image.", images, files)
+    except ValueError as e:  # more <image_placeholder> tags than images
+      return message, session, chat_view(conversation), f"Not sent: {e}"
     session.stop = False
     return None, session, chat_view(conversation), ""
 

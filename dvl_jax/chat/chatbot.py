@@ -9,8 +9,8 @@
   reply.finish_reason                                    # "stop" (EOS), "length" or "stopped" (closed early)
 
 The answer is written into the conversation when the reply ends, however it ends: at its EOS, at its length, or
-when the consumer stops it (Ctrl-C in the terminal, the web page's stop button: the iterator is closed or an
-exception passes through it); a stopped answer keeps the text it had. One Chatbot serves any number of
+when it is stopped (`Reply.stop()`, from chat.py's Ctrl-C handler; the web page's Stop; the iterator closed; an
+exception passing through it); a stopped answer keeps the text it had. One Chatbot serves any number of
 conversations; the web demo runs one reply at a time (its queue), and each conversation is its user's own.
 """
 
@@ -171,10 +171,16 @@ class Reply:
     self.finish_reason: str | None = None
     self.num_tokens = 0
     self._turn = conversation.turns[-1]
+    self._stop_requested = False
     self._pieces = self._generate(chatbot, conversation, sampling, seed)
 
   def __iter__(self) -> Iterator[str]:
     return self._pieces
+
+  def stop(self) -> None:
+    """Asks the answer to end after the token being generated (safe from a signal handler or another thread);
+    iterating then ends, with finish_reason "stopped"."""
+    self._stop_requested = True
 
   def close(self) -> None:
     """Stops the answer where it is (the conversation keeps the text so far)."""
@@ -190,6 +196,8 @@ class Reply:
     reason = "stopped"
     try:
       for step in steps:
+        if self._stop_requested:
+          break
         token = int(np.asarray(step)[0])
         self.num_tokens += 1
         if token in chatbot.eos_ids:

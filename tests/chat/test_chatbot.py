@@ -95,6 +95,16 @@ def test_a_stopped_answer_keeps_its_text_and_the_chat_goes_on(endless):
   list(reply)
   assert reply.finish_reason == "length" and reply.num_tokens == 7
 
+  conversation = _ask(endless)  # chat.py's Ctrl-C: a flag, seen at the next token
+  reply = endless.reply(conversation, Sampling(temperature=0, max_new_tokens=50))
+  got = ""
+  for piece in reply:
+    got += piece
+    if len(got) >= 3:
+      reply.stop()
+  assert reply.finish_reason == "stopped" and reply.num_tokens < 50
+  assert conversation.turns[-1].answer == got.rstrip() and len(got) >= 3
+
   conversation = _ask(endless)  # stopped before it began
   reply = endless.reply(conversation, GREEDY)
   reply.close()

@@ -68,21 +68,18 @@ def test_a_two_turn_chat_on_the_shipped_model_with_no_arguments(shipped):
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(never_ending_ckpt):
-  child = _spawn("--ckpt", never_ending_ckpt, "--greedy", "--max-new-tokens", "200")
+  child = _spawn("--ckpt", never_ending_ckpt, "--greedy", "--max-new-tokens", "2000")  # 2000 tokens: many seconds
   child.sendline(f"/image {EXAMPLES}/shapes_00.jpg")
   child.expect_exact(IMAGE_PROMPT)
-  child.sendline("Describe this image.")
-  child.expect_exact("Assistant: ")
-  child.expect(r"\S{5}")  # the answer is streaming
-  child.sendintr()  # Ctrl-C
-  child.expect_exact(" [stopped]")
-  child.expect_exact(PROMPT)
+  for question in ("Describe this image.", "And now?"):  # the second turn: the chat goes on after a stop
+    child.sendline(question)
+    child.expect_exact("Assistant: ")
+    child.expect(r"\S{5}")  # the answer is streaming
+    child.sendintr()  # Ctrl-C
+    child.expect_exact(" [stopped]")
+    child.expect_exact(PROMPT)
   child.sendintr()  # at the prompt: a reminder, not an exit
   child.expect_exact("/exit or Ctrl-D quits")
-  child.sendline("And now?")  # the chat goes on, with the stopped answer in its history
-  child.expect_exact("Assistant: ")
-  child.expect_exact(" [cut at the length limit]", timeout=120)
-  child.expect_exact(PROMPT)
   child.sendeof()  # Ctrl-D
   child.expect(pexpect.EOF)
   child.close()

@@ -42,10 +42,11 @@ def browser():
 
 
 @contextlib.contextmanager
-def serve(*args):
-  """python demo.py --port PORT *args, until its page answers; yields its URL and stops it after."""
+def serve(log_dir, *args):
+  """python demo.py --port PORT *args, until its page answers; yields its URL and stops it after. Its output goes
+  to log_dir/demo.log, shown if it does not start."""
   port = free_port()
-  log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dvl-demo-{port}.log"), "w+")
+  log = open(os.path.join(log_dir, "demo.log"), "w+")
   server = subprocess.Popen([PYTHON, os.path.join(ROOT, "demo.py"), "--port", str(port), *args], cwd=ROOT,
                             env=user_env(), stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}/"
@@ -118,7 +119,7 @@ class ChatPage:
 def test_upload_ask_stream_and_follow_up_on_the_shipped_model(browser, shipped, tmp_path):
   model, processor = shipped
   image = os.path.join(EXAMPLES, "shapes_05.jpg")
-  with serve() as url:  # no arguments but the port: the shipped model
+  with serve(tmp_path) as url:  # no arguments but the port: the shipped model
     user = ChatPage(browser, url)
     user.upload(image)
     assert user.page.input_value("#temperature input[type=number]") == "0"  # the checkpoint's: greedy
@@ -157,7 +158,7 @@ def test_two_users_queue_and_one_users_stop_or_error_leaves_the_other_alone(brow
 
   model, processor = dvl_jax.load(never_ending_ckpt), dvl_jax.Processor.from_pretrained(never_ending_ckpt)
   a_image, b_image = (os.path.join(EXAMPLES, name) for name in ("shapes_00.jpg", "shapes_01.jpg"))
-  with serve("--ckpt", never_ending_ckpt) as url:
+  with serve(tmp_path, "--ckpt", never_ending_ckpt) as url:
     a, b = ChatPage(browser, url), ChatPage(browser, url)
     for user, image in ((a, a_image), (b, b_image)):
       user.upload(image)
