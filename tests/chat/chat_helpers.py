@@ -27,6 +27,8 @@ def assistant_message(text) -> dict:
 def user_env() -> dict:
   """The environment a user's shell would give chat.py or demo.py: without the test session's simulated devices."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  for key in ("no_proxy", "NO_PROXY"):  # the tests' servers are on this machine
+    env[key] = ",".join(filter(None, [env.get(key, ""), "127.0.0.1", "localhost"]))
   env["PYTHONUNBUFFERED"] = "1"
   return env
 

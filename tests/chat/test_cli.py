@@ -1,7 +1,11 @@
 """chat.py in a pseudo-terminal, as a person types: images, two turns, /reset, a broken path, Ctrl-C during an
 answer, /exit and Ctrl-D."""
 
+import contextlib
+import functools
+import http.server
 import os
+import threading
 
 import pexpect
 import pytest
@@ -20,6 +24,20 @@ def _spawn(*args):
   child.expect_exact("/help for commands")
   child.expect_exact(PROMPT)
   return child
+
+
+@contextlib.contextmanager
+def _http_server(directory):
+  """A local web server for `directory`'s files; yields its URL."""
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+  finally:
+    server.shutdown()
+    server.server_close()
 
 
 def _answer(child, prompt=PROMPT) -> str:
@@ -54,8 +72,9 @@ def test_a_two_turn_chat_on_the_shipped_model_with_no_arguments(shipped):
   child.sendline("examples/images/missing.jpg")
   child.expect_exact("does not exist")
   child.expect_exact("(1/1) Image path or URL")
-  child.sendline("examples/images/shapes_02.jpg")
-  assert _answer(child) in ("red", "green", "blue", "yellow", "purple", "orange")
+  with _http_server(EXAMPLES) as url:  # an image by URL
+    child.sendline(f"{url}/shapes_02.jpg")
+    assert _answer(child) in ("red", "green", "blue", "yellow", "purple", "orange")
 
   child.sendline("/reset")
   child.expect_exact("New conversation")
