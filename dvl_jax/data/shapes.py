@@ -9,7 +9,8 @@ exact, for training a small DeepSeek-VL from scratch (configs/shapes/) and check
   python -m dvl_jax.data.shapes OUT_DIR [--train 20000] [--eval 200] [--test 500] [--seed 0]
 
 writes OUT_DIR/{train,eval,test}.jsonl (LLaVA conversations, plus each image's caption and questions for
-scoring), their images under OUT_DIR/images/, and OUT_DIR/processor/: a byte-level BPE tokenizer trained on the
+scoring), OUT_DIR/{train,eval,test}_captions.jsonl (each image with its caption alone: the image-text
+pretraining data), their images under OUT_DIR/images/, and OUT_DIR/processor/: a byte-level BPE tokenizer trained on the
 training text with DeepSeek's special tokens, and the image processor (dvl_jax/processing/tokenizer_training.py).
 
 Scenes: shapes of KINDS in COLOURS, at random sizes and positions, never overlapping and never at the same
@@ -46,7 +47,7 @@ SPLITS = ("train", "eval", "test")
 
 # Geometry, as fractions of the image's short side: a shape's radius (its circumscribed circle), the gap
 # between two shapes' circles, and the least horizontal distance between two shapes' centres.
-RADIUS = (0.14, 0.21)
+RADIUS = (0.16, 0.24)
 GAP = 0.04
 X_SEPARATION = 0.15
 SIDE = (96, 256)         # the long side, px
@@ -184,6 +185,11 @@ def _exists(scene: Scene, rng: np.random.Generator) -> Question:
   return Question("exists", f"Is there a {rng.choice(pool)}?", "yes" if want else "no")
 
 
+def caption_chat(scene: Scene) -> list[dict]:
+  """The image's caption alone, as a one-turn LLaVA conversation (the recipe's image-text pretraining data)."""
+  return [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}, {"from": "gpt", "value": caption(scene)}]
+
+
 def conversation(scene: Scene, qs: Sequence[Question], rng: np.random.Generator) -> list[dict]:
   """A LLaVA conversation about the image: the caption request and every question, in random order (each is
   the first turn, which carries the image, as often as the others)."""
@@ -208,12 +214,14 @@ def split_seed(seed: int, split: str) -> int:
 
 def write_split(out_dir: str, split: str, count: int, seed: int) -> str:
   """`count` images of `split` under out_dir/images/split/ and their records in out_dir/split.jsonl: {"image",
-  "conversations", "caption", "questions": [{"kind", "question", "answer"}]}. Returns the JSONL's path."""
+  "conversations", "caption", "questions": [{"kind", "question", "answer"}]}; the same images with their
+  captions alone (caption_chat) in out_dir/split_captions.jsonl. Returns split.jsonl's path."""
   rng = np.random.default_rng(split_seed(seed, split))
   image_dir = os.path.join(out_dir, "images", split)
   os.makedirs(image_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{split}.jsonl")
-  with open(path + ".partial", "w", encoding="utf-8") as f:
+  path, captions_path = (os.path.join(out_dir, f"{split}{suffix}.jsonl") for suffix in ("", "_captions"))
+  with open(path + ".partial", "w", encoding="utf-8") as f, \
+       open(captions_path + ".partial", "w", encoding="utf-8") as fc:
     for i in range(count):
       scene = sample_scene(rng)
       name = f"images/{split}/{i:06d}.jpg"
@@ -222,6 +230,8 @@ def write_split(out_dir: str, split: str, count: int, seed: int) -> str:
       record = {"image": name, "conversations": conversation(scene, qs, rng), "caption": caption(scene),
                 "questions": [dataclasses.asdict(q) for q in qs]}
       f.write(json.dumps(record) + "\n")
+      fc.write(json.dumps({"image": name, "conversations": caption_chat(scene)}) + "\n")
+  os.replace(captions_path + ".partial", captions_path)
   os.replace(path + ".partial", path)
   return path
 

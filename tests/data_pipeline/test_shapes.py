@@ -118,6 +118,17 @@ def test_splits_are_deterministic_and_disjoint(tmp_path):
   assert asked == {shapes.CAPTION_PROMPT} | {q["question"] for q in record["questions"]}
 
 
+def test_the_captions_file_pairs_each_image_with_its_caption_alone(tmp_path):
+  shapes.write_split(str(tmp_path), "train", 6, seed=2)
+  chats = shapes.read_split(str(tmp_path / "train.jsonl"))
+  captions = shapes.read_split(str(tmp_path / "train_captions.jsonl"))
+  assert [c["image"] for c in captions] == [r["image"] for r in chats]
+  for c, r in zip(captions, chats):
+    assert c["conversations"] == [{"from": "human", "value": "<image>\n" + shapes.CAPTION_PROMPT},
+                                  {"from": "gpt", "value": r["caption"]}]
+  assert not list(tmp_path.glob("*.partial"))
+
+
 def test_score_counts_exact_matches_per_kind():
   records = [{"image": "/a.jpg", "caption": "a red circle",
               "questions": [{"kind": "count", "question": "How many shapes are there?", "answer": "one"},

@@ -1,6 +1,6 @@
 """configs/shapes/: the recipe of the shipped model, cut down (a small dataset, a few steps of each stage, its own
-YAML files with overrides), so that it cannot rot: the three stages run, each from the export of the one before,
-and the loss falls."""
+YAML files with overrides), so that it cannot rot: the three stages run on the data they name (stages 1 and 2 the
+captions, stage 3 the chats), each from the export of the one before, and the loss falls."""
 
 import os
 
@@ -18,19 +18,20 @@ pytestmark = pytest.mark.slow
 def test_the_recipe_trains_its_three_stages_and_the_loss_falls(tmp_path):
   data = tmp_path / "shapes"
   shapes.write_dataset(str(data), train=96, eval=8, test=0, seed=5)
-  common = [f"data.sources.0.path={data / 'train.jsonl'}", "data.batch_size=8", "data.buckets=[192]",
-            "train.log_every=1", "train.checkpoint_every=100"]
-  stage1 = load_experiment(os.path.join(ROOT, "configs/shapes/stage1_aligner.yaml"), common + [
+  common = ["data.batch_size=8", "train.log_every=1", "train.checkpoint_every=100"]
+  captions = common + [f"data.sources.0.path={data / 'train_captions.jsonl'}", "data.buckets=[128]"]
+  chats = common + [f"data.sources.0.path={data / 'train.jsonl'}", "data.buckets=[192]"]
+  stage1 = load_experiment(os.path.join(ROOT, "configs/shapes/stage1_aligner.yaml"), captions + [
       f"model.processor={data / 'processor'}", f"train.run_dir={tmp_path / 'stage1'}", "train.steps=2",
       "optimizer.warmup_steps=1"])
   assert train(stage1, progress=False, devices=ONE).export == str(tmp_path / "stage1" / "export")
 
-  stage2 = load_experiment(os.path.join(ROOT, "configs/shapes/stage2_decoder.yaml"), common + [
+  stage2 = load_experiment(os.path.join(ROOT, "configs/shapes/stage2_pretrain.yaml"), captions + [
       f"model.init_from={tmp_path / 'stage1' / 'export'}", f"train.run_dir={tmp_path / 'stage2'}", "train.steps=2",
       "optimizer.warmup_steps=1"])
   assert train(stage2, progress=False, devices=ONE).export == str(tmp_path / "stage2" / "export")
 
-  stage3 = load_experiment(os.path.join(ROOT, "configs/shapes/stage3_joint.yaml"), common + [
+  stage3 = load_experiment(os.path.join(ROOT, "configs/shapes/stage3_sft.yaml"), chats + [
       f"model.init_from={tmp_path / 'stage2' / 'export'}", f"train.run_dir={tmp_path / 'stage3'}",
       "train.steps=14", "optimizer.warmup_steps=2", "train.eval_every=0", "train.samples=[]",
       f"eval_data.sources.0.path={data / 'eval.jsonl'}"])
