@@ -23,6 +23,7 @@ from dvl_jax.config import ATTENTION_IMPLS, PRESETS
 from dvl_jax.data.config import DataConfig
 from dvl_jax.nn.remat import REMAT_POLICIES
 from dvl_jax.training.optimizer import OptimizerConfig
+from dvl_jax.training.step import OBJECTIVES
 from dvl_jax.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 DTYPES = ("float32", "bfloat16")
@@ -81,6 +82,9 @@ class TrainSpec:
 
   Attributes:
     steps: optimizer steps; the learning-rate schedule spans them.
+    objective: what the run learns (dvl_jax.training.OBJECTIVES): "next_token", the answers' next-token
+      cross-entropy (DeepSeek-VL's stages); "bag_of_words", the words of each sample's answers predicted from
+      its images alone (vision pretraining of a tower trained from scratch: training/bag_of_words.py).
     run_dir: where checkpoints, metrics.jsonl, skipped.jsonl and the resolved config go.
     mesh: the device mesh (dvl_jax.ShardingPlan's spec, e.g. "fsdp=-1" or "data=2,fsdp=4"), over every device
       of every process.
@@ -99,6 +103,7 @@ class TrainSpec:
 
   steps: int
   run_dir: str
+  objective: str = "next_token"
   mesh: str = "fsdp=-1"
   strategy: str | None = None
   vision_strategy: str | None = None
@@ -120,6 +125,8 @@ class TrainSpec:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.eval_every < 0:
       raise ValueError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}")
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"objective={self.objective!r} is not one of {tuple(OBJECTIVES)}")
 
 
 @dataclasses.dataclass(frozen=True)

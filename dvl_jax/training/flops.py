@@ -172,7 +172,7 @@ def sam_forward(cfg: SamConfig, out_grid: int) -> tuple[int, int, int]:
 
 def train_step_flops(config: ModelConfig, trained: TrainedParts | OptimizerConfig | Mapping[str, Any], *,
                      batch: int, seq_len: int, images_per_row: int = 1,
-                     padded_vocab_size: int | None = None) -> StepFlops:
+                     padded_vocab_size: int | None = None, objective: str = "next_token") -> StepFlops:
   """The FLOPs of one train step over `batch` rows of `seq_len` tokens, counted as the module docstring says.
 
   Args:
@@ -184,6 +184,8 @@ def train_step_flops(config: ModelConfig, trained: TrainedParts | OptimizerConfi
     images_per_row: images each row holds (each runs through the towers and the aligner).
     padded_vocab_size: lm_head's rows when a mesh pads the vocabulary (the matmul computes them); None: the
       config's vocab_size.
+    objective: "next_token", or "bag_of_words" (training/bag_of_words.py: no decoder layer runs; lm_head
+      scores the pooled image features at every position).
   Returns:
     StepFlops.
   """
@@ -223,8 +225,9 @@ def train_step_flops(config: ModelConfig, trained: TrainedParts | OptimizerConfi
   grad_in = t.language_model or t.aligner or t.vision or t.high_res
   per_token = 2 * (c.embed_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
                    + c.num_heads * c.head_dim * c.embed_dim + 3 * c.embed_dim * c.mlp_dim)
-  decoder = _times(t.language_model, grad_in) * c.num_layers * per_token * tokens
-  attention = (3 if grad_in else 1) * c.num_layers * 4 * batch * seq_len**2 * c.num_heads * c.head_dim // 2
+  layers = 0 if objective == "bag_of_words" else c.num_layers
+  decoder = _times(t.language_model, grad_in) * layers * per_token * tokens
+  attention = (3 if grad_in else 1) * layers * 4 * batch * seq_len**2 * c.num_heads * c.head_dim // 2
   vocab = padded_vocab_size or c.vocab_size
   logits = _times(t.language_model, grad_in) * 2 * c.embed_dim * vocab * tokens
   return StepFlops(decoder_weights=float(decoder), attention=float(attention), logits=float(logits),

@@ -41,6 +41,7 @@ from dvl_jax import sharding
 from dvl_jax.nn.attention import segment_positions
 from dvl_jax.nn.vlm import DeepseekVL
 from dvl_jax.sharding import ShardingPlan
+from dvl_jax.training.bag_of_words import bag_of_words_loss
 from dvl_jax.training.batch import Batch, batch_sharding, split_microbatches
 from dvl_jax.training.loss import TokenLoss, cross_entropy, make_labels
 from dvl_jax.training.optimizer import OptimizerConfig, make_optimizer, trainable_mask
@@ -77,6 +78,18 @@ def loss_fn(params: Any, batch: Batch, module: DeepseekVL, *, chunk_size: int | 
   return cross_entropy(hidden, kernel, labels, cfg.text.vocab_size, chunk_size=chunk_size)
 
 
+# The training objectives: name -> loss function.
+OBJECTIVES: dict[str, Callable[..., TokenLoss]] = {"next_token": loss_fn, "bag_of_words": bag_of_words_loss}
+
+
+def objective_loss(objective: str) -> Callable[..., TokenLoss]:
+  """The loss function of a training objective, a name in OBJECTIVES; each takes (params, batch, module, *,
+  chunk_size, frozen_towers) and returns a TokenLoss."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective={objective!r} is not one of {tuple(OBJECTIVES)}")
+  return OBJECTIVES[objective]
+
+
 def towers_frozen(mask: Any) -> bool:
   """Whether no param of SigLIP or SAM is trained, given a trainable_mask."""
   return not any(any(jax.tree.leaves(mask[t])) for t in TOWERS if t in mask)
@@ -97,7 +110,8 @@ def _split(params: Any, mask: Any) -> tuple[list, list, Callable[[list, list], A
 
 
 def loss_and_grads(params: Any, batch: Batch, module: DeepseekVL, mask: Any = None, *, microbatches: int = 1,
-                   chunk_size: int | None = 512, frozen_towers: bool | None = None) -> tuple[TokenLoss, Any]:
+                   chunk_size: int | None = 512, frozen_towers: bool | None = None,
+                   objective: str = "next_token") -> tuple[TokenLoss, Any]:
   """The batch's TokenLoss and the gradient of its mean loss (sum / count over the whole batch).
 
   Args:
@@ -110,15 +124,18 @@ def loss_and_grads(params: Any, batch: Batch, module: DeepseekVL, mask: Any = No
       gradients added, then divided once by the whole batch's count.
     chunk_size: as `loss_fn`.
     frozen_towers: as `loss_fn`; None: True exactly when the mask trains no SigLIP or SAM param.
+    objective: the loss, a name in OBJECTIVES: "next_token" (`loss_fn`) or "bag_of_words" (vision
+      pretraining, bag_of_words.py).
   Returns:
     (TokenLoss of the whole batch, gradients shaped like params, float32 for float32 params).
   """
   mask = jax.tree.map(lambda _: True, params) if mask is None else mask
   frozen_towers = towers_frozen(mask) if frozen_towers is None else frozen_towers
   trained, frozen, merge = _split(params, mask)
+  loss_of = objective_loss(objective)
 
   def summed(trained: list, mb: Batch) -> tuple[jax.Array, jax.Array]:
-    out = loss_fn(merge(trained, frozen), mb, module, chunk_size=chunk_size, frozen_towers=frozen_towers)
+    out = loss_of(merge(trained, frozen), mb, module, chunk_size=chunk_size, frozen_towers=frozen_towers)
     return out.sum, out.count
 
   grad_fn = jax.value_and_grad(summed, has_aux=True)
@@ -142,7 +159,8 @@ def loss_and_grads(params: Any, batch: Batch, module: DeepseekVL, mask: Any = No
 
 
 def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, optimizer: OptimizerConfig,
-               microbatches: int = 1, chunk_size: int | None = 512) -> tuple[TrainState, dict[str, jax.Array]]:
+               microbatches: int = 1, chunk_size: int | None = 512,
+               objective: str = "next_token") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch`: gradients of the trained params (accumulated over microbatches), then the
   optimizer's clip and AdamW. Frozen params are returned untouched (the very same arrays).
 
@@ -153,13 +171,15 @@ def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, optimizer
     optimizer: the OptimizerConfig the state was made with (init_train_state).
     microbatches: gradient accumulation steps within this step.
     chunk_size: positions per chunk of the loss's logits.
+    objective: the loss (OBJECTIVES).
   Returns:
     (the next TrainState, metrics): loss float32 [] (the batch's mean), tokens int32 [] (supervised tokens),
     grad_norm float32 [] (global norm of the trained params' gradients, before clipping), learning_rate
     float32 [] (the base lr of this step, before any group's multiplier).
   """
   mask = trainable_mask(state.params, optimizer)
-  loss, grads = loss_and_grads(state.params, batch, module, mask, microbatches=microbatches, chunk_size=chunk_size)
+  loss, grads = loss_and_grads(state.params, batch, module, mask, microbatches=microbatches, chunk_size=chunk_size,
+                               objective=objective)
   tx = make_optimizer(optimizer, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   trained, frozen, merge = _split(state.params, mask)
@@ -174,8 +194,8 @@ def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, optimizer
 
 
 def jit_train_step(module: DeepseekVL, optimizer: OptimizerConfig, *, microbatches: int = 1,
-                   chunk_size: int | None = 512,
-                   plan: ShardingPlan | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                   chunk_size: int | None = 512, plan: ShardingPlan | None = None,
+                   objective: str = "next_token") -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """`train_step` for this module and optimizer, jitted, the state donated (its buffers are reused).
 
   With a plan, the step runs over its mesh: the state in and out laid out as `abstract_train_state(config, plan,
@@ -184,8 +204,9 @@ def jit_train_step(module: DeepseekVL, optimizer: OptimizerConfig, *, microbatch
   rules; the metrics replicated. `module` must hold the vocabulary as the plan pads it (`Model(..., plan=plan)
   .module`).
   """
+  objective_loss(objective)  # a bad name fails here, not inside the trace
   step = functools.partial(train_step, module=module, optimizer=optimizer, microbatches=microbatches,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, objective=objective)
   if plan is None:
     return jax.jit(step, donate_argnums=0)
   vocab = module.config.text.vocab_size

@@ -52,7 +52,7 @@ from dvl_jax.training.flops import TrainedParts, device_peak_flops, train_step_f
 from dvl_jax.training.metrics import MetricsLog
 from dvl_jax.training.preemption import StopRequest
 from dvl_jax.training.state import TrainState, abstract_train_state, init_train_state, shardings_of
-from dvl_jax.training.step import jit_train_step, loss_fn
+from dvl_jax.training.step import jit_train_step, objective_loss
 from dvl_jax.typed_config import ConfigError
 
 _log = logging.getLogger(__name__)
@@ -274,8 +274,10 @@ class Evaluator:
     self.experiment, self.model, self.processor, self.plan = experiment, model, processor, plan
     replicated = NamedSharding(plan.mesh, PartitionSpec())
 
+    loss_of = objective_loss(experiment.train.objective)
+
     def summed(params, batch):
-      out = loss_fn(params, batch, model.module)
+      out = loss_of(params, batch, model.module)
       return out.sum, out.count
 
     self._loss = plan.jit(summed, in_shardings=(shardings_of(like.params), batch_sharding(plan)),
@@ -314,7 +316,7 @@ class _Throughput:
   FLOPs (flops.py) over the mesh's devices' peak, None where the chip's peak is not known (CPUs)."""
 
   def __init__(self, config: ModelConfig, experiment: Experiment, plan: ShardingPlan, module_vocab: int | None):
-    self.config, self.vocab = config, module_vocab
+    self.config, self.vocab, self.objective = config, module_vocab, experiment.train.objective
     self.trained = TrainedParts.from_optimizer(config, experiment.optimizer)
     self.peak = device_peak_flops(plan.mesh.devices.flat[0])
     self.devices = plan.mesh.devices.size
@@ -333,7 +335,8 @@ class _Throughput:
     key = (rows, length, slots)
     if key not in self._flops:
       self._flops[key] = train_step_flops(self.config, self.trained, batch=rows, seq_len=length,
-                                          images_per_row=slots, padded_vocab_size=self.vocab).total
+                                          images_per_row=slots, padded_vocab_size=self.vocab,
+                                          objective=self.objective).total
     self.flops += self._flops[key]
 
   def metrics(self) -> dict[str, float | None]:
@@ -399,7 +402,8 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
     model = Model(config, state.params, plan=plan,
                   generation_config=sample_generation_config(experiment.model.processor_dir, processor))
     module = model.module.clone(remat_policy=experiment.model.remat)
-    step_fn = jit_train_step(module, experiment.optimizer, microbatches=t.microbatches, plan=plan)
+    step_fn = jit_train_step(module, experiment.optimizer, microbatches=t.microbatches, plan=plan,
+                             objective=t.objective)
     evaluator = Evaluator(experiment, model, processor, plan, like) if t.eval_every else None
     throughput = _Throughput(config, experiment, plan, module.padded_vocab_size)
     pending: list[tuple[int, dict[str, jax.Array]]] = []

@@ -20,22 +20,23 @@ import dvl_jax
 from dvl_jax.model import abstract_params
 from dvl_jax.nn.attention import causal_blocks
 from dvl_jax.nn.vlm import DeepseekVL
-from dvl_jax.training import Batch, init_train_state, jit_train_step, paper_config, trainable_mask
+from dvl_jax.training import Batch, OptimizerConfig, init_train_state, jit_train_step, paper_config, trainable_mask
 from dvl_jax.training.flops import StepFlops, TrainedParts, hlo_matmul_flops, train_step_flops
 
 ROWS, SEQ = 2, 40  # one image per row (16 tokens in tiny) + 24 text tokens
 
 
-def _compiled_hlo(config, stage: str, remat: str) -> str:
-  """The optimised HLO text of jit_train_step for `stage`, lowered on ShapeDtypeStructs."""
-  optimizer = paper_config(stage, total_steps=10, warmup_steps=0)
+def _compiled_hlo(config, stage: str | OptimizerConfig, remat: str, objective: str = "next_token") -> str:
+  """The optimised HLO text of jit_train_step for `stage` (or an OptimizerConfig), lowered on ShapeDtypeStructs."""
+  optimizer = stage if isinstance(stage, OptimizerConfig) else paper_config(stage, total_steps=10, warmup_steps=0)
   state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params(config))
   image = lambda size: jax.ShapeDtypeStruct((ROWS, 1, size, size, 3), jnp.float32)  # noqa: E731
   batch = Batch(input_ids=jax.ShapeDtypeStruct((ROWS, SEQ), jnp.int32),
                 attention_mask=jax.ShapeDtypeStruct((ROWS, SEQ), jnp.int32),
                 pixel_values=image(config.vision.image_size),
                 high_res_pixel_values=image(config.high_res.image_size) if config.is_hybrid else None)
-  step = jit_train_step(DeepseekVL(config, remat_policy=remat), optimizer, chunk_size=None)  # plain loss
+  step = jit_train_step(DeepseekVL(config, remat_policy=remat), optimizer, chunk_size=None,  # plain loss
+                        objective=objective)
   return step.lower(state, batch).compile().as_text()
 
 
@@ -79,6 +80,17 @@ def test_equals_the_compiled_steps_matmuls(case):
   compiled = hlo_matmul_flops(_compiled_hlo(config, stage, remat))
   print(f"\n{case}: compiled {compiled:.6g}, expected {expected:.6g}; {flops}")
   assert compiled == expected, (compiled - expected, flops)
+
+
+@pytest.mark.slow
+def test_bag_of_words_runs_no_decoder_layer_and_equals_the_compiled_steps_matmuls():
+  """The tower and the aligner trained; lm_head (frozen) scores the pooled features at every position."""
+  config = dvl_jax.tiny()
+  optimizer = OptimizerConfig(learning_rate=1e-3, total_steps=10, trainable=("vision_model/.*", "aligner/.*"))
+  flops = train_step_flops(config, optimizer, batch=ROWS, seq_len=SEQ, objective="bag_of_words")
+  assert flops.decoder_weights == flops.attention == 0 and flops.vision > 0
+  assert flops.logits == 2 * 2 * config.text.embed_dim * config.text.vocab_size * ROWS * SEQ  # forward, input grad
+  assert hlo_matmul_flops(_compiled_hlo(config, optimizer, "none", "bag_of_words")) == flops.total
 
 
 def test_trained_weights_cost_six_flops_per_param_and_token():

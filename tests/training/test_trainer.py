@@ -180,3 +180,26 @@ def test_an_export_never_replaces_its_run(finished, tmp_path):
   assert not os.path.exists(tmp_path / CHECKPOINTS)
   out = export_run(run_dir, str(tmp_path / "step4"), step=4, log=lambda *_: None)
   assert dvl_jax.load(out).config.text == dvl_jax.load(os.path.join(run_dir, "export")).config.text
+
+
+def _flat_params(path) -> dict:
+  params = dvl_jax.load(str(path)).params
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_a_bag_of_words_run_pretrains_the_tower_into_an_ordinary_export(run_files, tmp_path):
+  """train.objective: bag_of_words (training/bag_of_words.py) through train.py: the loss is logged each step, the
+  export opens as any checkpoint, its tower and aligner moved and its decoder is the init's; a typo is named."""
+  experiment = _run(run_files, tmp_path, "bow", ["optimizer.stage=null",
+                                                 'optimizer.trainable=["vision_model/.*", "aligner/.*"]'],
+                    objective="bag_of_words")
+  result = train(experiment, progress=False, devices=ONE)
+  assert len(_curve(experiment.train.run_dir)) == 6 and all(np.isfinite(l) for _, l, _, _ in
+                                                             _curve(experiment.train.run_dir))
+  before, after = _flat_params(run_files / "init"), _flat_params(result.export)
+  moved = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert any(k.startswith("vision_model/") for k in moved) and any(k.startswith("aligner/") for k in moved)
+  assert not any(k.startswith("language_model/") for k in moved)
+  with pytest.raises(ConfigError, match=r"objective='bag_of_word' is not one of \('next_token', 'bag_of_words'\)"):
+    _run(run_files, tmp_path, "typo", objective="bag_of_word")
