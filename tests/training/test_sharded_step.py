@@ -37,11 +37,12 @@ def _batch(rows=3, seed=0) -> Batch:
                pixel_values=rng.normal(size=(rows, 2, s, s, 3)).astype(np.float32))
 
 
-def _run(model, batch, plan=None, microbatches=1):
+def _run(model, batch, plan=None, microbatches=1, optimizer=OPTIMIZER, objective="next_token"):
   """STEPS steps from model.params -> (final state, metrics per step)."""
-  like = None if plan is None else abstract_train_state(CONFIG, plan, OPTIMIZER)
-  state = init_train_state(jax.tree.map(lambda x: x.copy(), model.params), OPTIMIZER, like)
-  step = jit_train_step(model.module, OPTIMIZER, microbatches=microbatches, chunk_size=16, plan=plan)
+  like = None if plan is None else abstract_train_state(CONFIG, plan, optimizer)
+  state = init_train_state(jax.tree.map(lambda x: x.copy(), model.params), optimizer, like)
+  step = jit_train_step(model.module, optimizer, microbatches=microbatches, chunk_size=16, plan=plan,
+                        objective=objective)
   if plan is not None:
     batch = place_batch(plan, batch, microbatches=microbatches)
   metrics = []
@@ -122,6 +123,23 @@ def test_a_sharded_train_step_equals_one_device(one_device, mesh, strategy, micr
   assert {s.data.shape for s in lm_head.addressable_shards} == {(lm_head.shape[0] // tensor, 64 // fsdp)}
   siglip = mu["vision_model"]["layers"]["mlp"]["fc1"]["kernel"]
   assert siglip.sharding.spec == got.params["vision_model"]["layers"]["mlp"]["fc1"]["kernel"].sharding.spec
+
+
+@pytest.mark.slow
+def test_a_sharded_bag_of_words_step_equals_one_device(one_device):
+  """The vision-pretraining objective (training/bag_of_words.py) over fsdp and tensor with 2 microbatches: its
+  per-row pooling and the padded vocabulary's lm_head give the one-device losses and params."""
+  params = one_device[0]
+  optimizer = dataclasses.replace(OPTIMIZER, stage=None, trainable=("vision_model/.*", "aligner/.*"))
+  kw = dict(optimizer=optimizer, objective="bag_of_words")
+  want, want_metrics = _run(dvl_jax.Model(CONFIG, params), jax.tree.map(jax.numpy.asarray, _batch()), **kw)
+  plan = ShardingPlan("fsdp=4,tensor=2")
+  got, metrics = _run(dvl_jax.Model(CONFIG, params, plan=plan), _batch(), plan, 2, **kw)
+  for m, w in zip(metrics, want_metrics):
+    assert m["tokens"] == w["tokens"] > 0
+    for k in ("loss", "grad_norm"):
+      assert abs(m[k] - w[k]) <= 1e-5 * abs(w[k]), (k, m[k], w[k])
+  _assert_close(got.params, want.params, "params")
 
 
 def test_placement_pads_rows_that_learn_nothing():
