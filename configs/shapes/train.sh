@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -f data/shapes/train.jsonl ] || python -m dvl_jax.data.shapes data/shapes --train 30000 --eval 200 --test 500 --seed 0
 start=$(date +%s)
+python train.py --config configs/shapes/stage0_tower.yaml --no-progress
 python train.py --config configs/shapes/stage1_aligner.yaml --no-progress
 python train.py --config configs/shapes/stage2_pretrain.yaml --no-progress
 python train.py --config configs/shapes/stage3_sft.yaml --no-progress

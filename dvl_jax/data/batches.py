@@ -4,6 +4,8 @@
   attention_mask  int32 [b, L]  segment ids: the k-th sample of a row is k (1, 2, ...), padding 0
   positions       int32 [b, L]  RoPE positions, from 0 at each sample's first token (padding 1)
   loss_mask       int32 [b, L]  1 for the tokens to learn
+  image_labels    int32 [b, L]  the word target of each image token in a grounding region, -100 elsewhere
+                                (data/regions.py; the region_words objective)
   pixel_values    float32 [b, max_images, S, S, 3]  each row's images in order, unused slots zero
                   (only in a batch of a multimodal stream; a text stream's batches have none)
   high_res_pixel_values  [b, max_images, S', S', 3] for the hybrid model
@@ -21,6 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from dvl_jax.data.regions import NO_TARGET
 from dvl_jax.data.rows import Row, Skipped
 
 
@@ -69,6 +72,7 @@ def make_batch(rows: list[Row], shape: BatchShape, modality: str) -> HostBatch:
   for name in ("attention_mask", "loss_mask"):
     out[name] = np.zeros((b, length), np.int32)
   out["positions"] = np.ones((b, length), np.int32)
+  out["image_labels"] = np.full((b, length), NO_TARGET, np.int32)
   if shape.images is not None:
     slots, size, high = shape.images
     out["pixel_values"] = np.zeros((b, slots, size, size, 3), np.float32)
@@ -82,6 +86,8 @@ def make_batch(rows: list[Row], shape: BatchShape, modality: str) -> HostBatch:
       out["loss_mask"][i, t:t + n] = ex.loss_mask
       out["attention_mask"][i, t:t + n] = segment
       out["positions"][i, t:t + n] = np.arange(n)
+      if ex.image_labels is not None:
+        out["image_labels"][i, t:t + n] = ex.image_labels
       if ex.num_images:
         if shape.images is None:
           raise ValueError(f"{ex.where}: a sample with images reached a text-only batch (source {ex.source!r}); "

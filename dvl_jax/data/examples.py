@@ -9,6 +9,9 @@ tokens. Which tokens are learned is read off the token offsets: a token is learn
 assistant's answer (its leading space included) or is the EOS that ends it. System and user turns, the "User:" /
 "Assistant:" headers and image tokens never are. A Text sample is BOS + text + EOS, all learned.
 
+A sample with grounding regions (dvl_jax/data/regions.py) also gets a word target on each image token of its
+regions' images (`image_labels`), for the region_words objective.
+
 A sample over seq_len tokens (or max_images images) is truncated before the first token or image that does not
 fit, never inside an image, or dropped (`overlong`); one with nothing left to learn is dropped either way.
 """
@@ -20,9 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from PIL import ImageOps
+
 from dvl_jax.data.formats import BadRecord, Conversation, Text
+from dvl_jax.data.regions import NO_TARGET, image_token_labels
 from dvl_jax.processing import chat
-from dvl_jax.processing.images import preprocess
+from dvl_jax.processing.images import load_image, preprocess
 from dvl_jax.processing.processor import Processor
 
 
@@ -42,6 +48,8 @@ class Example:
     where: the record's "file:line".
     source: the source's name.
     truncated: whether tokens or images were cut off to fit.
+    image_labels: int32 [n], the word target of each image token in a region (regions.py), NO_TARGET elsewhere;
+      None: the sample has no regions.
   """
 
   ids: np.ndarray
@@ -51,6 +59,7 @@ class Example:
   where: str
   source: str
   truncated: bool = False
+  image_labels: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -139,16 +148,31 @@ def make_example(sample: Conversation | Text, processor: Processor, *, seq_len: 
   ids, mask, kept, truncated = fit(ids, mask, image_token_id=processor.tokenizer.image_token_id,
                                    tokens_per_image=processor.num_image_tokens, seq_len=seq_len,
                                    max_images=max_images, overlong=overlong)
-  pixels = []
+  cfg = processor.image_config
+  regions = [] if isinstance(sample, Text) else sample.regions
+  pixels, sizes = [], {}
   for i, ref in enumerate(refs[:kept]):
     try:
-      pixels.append(preprocess(ref, processor.image_config))
+      if any(r.image == i for r in regions):  # its size, as the boxes see it, places them on the grid
+        ref = load_image(ref, max_pixels=cfg.max_pixels)
+        ref = ImageOps.exif_transpose(ref) if cfg.exif_transpose else ref
+        sizes[i] = ref.size
+      pixels.append(preprocess(ref, cfg))
     except (ValueError, OSError) as e:  # ImageError names the image; OSError: a file truncated mid-decode
       raise BadRecord(f"image {i}: {e}") from e
-  cfg = processor.image_config
+  image_labels = None
+  if regions:
+    per = processor.num_image_tokens
+    grid = int(round(per ** 0.5))
+    image_labels = np.full(len(ids), NO_TARGET, np.int32)
+    starts = np.flatnonzero(ids == processor.tokenizer.image_token_id)[::per]
+    words = lambda text: processor.tokenizer.encode(" " + text, add_special_tokens=False)  # noqa: E731
+    for i in sizes:
+      image_labels[starts[i]:starts[i] + per] = image_token_labels([r for r in regions if r.image == i], sizes[i],
+                                                                   cfg, grid, words)
 
   def stack(key: str, size: int) -> np.ndarray:  # [k, S, S, 3]
     return np.stack([p[key] for p in pixels]) if pixels else np.zeros((0, size, size, 3), np.float32)
 
   high = stack("high_res_pixel_values", cfg.high_res_size) if cfg.is_hybrid else None
-  return Example(ids, mask, stack("pixel_values", cfg.size), high, where, source, truncated)
+  return Example(ids, mask, stack("pixel_values", cfg.size), high, where, source, truncated, image_labels)

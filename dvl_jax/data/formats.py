@@ -11,6 +11,9 @@ format (which the processor's chat template renders), or a Text.
   {"type": "text", "text": ...}]}, ...]} (content may also be a string).
 - text: {"text": "..."}.
 
+A record with images may also carry "regions": [{"box": [x0, y0, x1, y1], "text": "...", "image": 0}, ...], boxes
+in the image's pixels naming what is in them (grounding data: dvl_jax/data/regions.py); "image" defaults to 0.
+
 Anything else raises BadRecord, whose message says what was expected; the pipeline counts and skips it.
 """
 
@@ -22,6 +25,7 @@ import re
 from typing import Any
 
 from dvl_jax.data.config import SourceConfig
+from dvl_jax.data.regions import Region
 from dvl_jax.processing import chat
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -34,10 +38,11 @@ class BadRecord(ValueError):
 @dataclasses.dataclass
 class Conversation:
   """messages: transformers' format, each image item {"type": "image", "image": ref}; images: the refs in
-  order (file paths joined to the source's image root, URLs, or bytes)."""
+  order (file paths joined to the source's image root, URLs, or bytes); regions: the images' grounding regions."""
 
   messages: list[dict[str, Any]]
   images: list[Any]
+  regions: list[Region] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -58,7 +63,7 @@ def parse(value: Any, source: SourceConfig) -> Conversation | Text:
     user = [{"type": "image", "image": image}] + ([{"type": "text", "text": source.prompt}] if source.prompt else [])
     return Conversation([{"role": "user", "content": user},
                          {"role": "assistant", "content": [{"type": "text", "text": _string(value, "caption")}]}],
-                        [image])
+                        [image], _regions(value.get("regions"), 1))
   if "messages" in value:
     conversation = _transformers_messages(value["messages"], source.image_root)
   elif "conversations" in value:
@@ -67,7 +72,31 @@ def parse(value: Any, source: SourceConfig) -> Conversation | Text:
     raise BadRecord(f"a conversation record needs 'conversations' (LLaVA) or 'messages' (transformers); got keys "
                     f"{sorted(value)}")
   _check_conversation(conversation.messages)
+  conversation.regions = _regions(value.get("regions"), len(conversation.images))
   return conversation
+
+
+def _regions(value: Any, images: int) -> list[Region]:
+  """A record's "regions" (None: none) -> Regions, each checked."""
+  if value is None:
+    return []
+  if not isinstance(value, list):
+    raise BadRecord(f"'regions' must be a list of {{'box': [x0, y0, x1, y1], 'text': str}}; got {_short(value)}")
+  out = []
+  for i, r in enumerate(value):
+    box = r.get("box") if isinstance(r, dict) else None
+    if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+        or not (box[0] < box[2] and box[1] < box[3])):
+      raise BadRecord(f"region {i} needs 'box': [x0, y0, x1, y1] in pixels with x0 < x1 and y0 < y1; got "
+                      f"{_short(r)}")
+    image = r.get("image", 0)
+    if not isinstance(image, int) or not 0 <= image < images:
+      raise BadRecord(f"region {i} is of image {image!r}; the record has {images} image(s) (0-based)")
+    text = r.get("text")
+    if not isinstance(text, str) or not text.strip():
+      raise BadRecord(f"region {i} needs 'text', the words naming it; got {_short(r)}")
+    out.append(Region(image, tuple(float(v) for v in box), text.strip()))
+  return out
 
 
 def _llava(value: dict[str, Any], root: str) -> Conversation:

@@ -119,6 +119,26 @@ def _place(rng: np.random.Generator, n: int, width: int, height: int) -> list[Sh
   return None
 
 
+# The drawn shapes, in the shape's radius r: a circle of radius 0.85 r; a square of half-side 0.8 r (about the
+# circle's area; its corners just past the shape's circle, within GAP); an equilateral triangle, point up, its
+# corners on the shape's circle (these angles).
+CIRCLE, SQUARE, TRIANGLE = 0.85, 0.8, np.deg2rad([-90, 30, 150])
+
+
+def box(s: Shape) -> tuple[float, float, float, float]:
+  """The drawn shape's bounding box (x0, y0, x1, y1), px."""
+  if s.kind == "triangle":
+    half = s.r * np.cos(TRIANGLE[1])
+    return (s.x - half, s.y - s.r, s.x + half, s.y + s.r * np.sin(TRIANGLE[1]))
+  h = s.r * (CIRCLE if s.kind == "circle" else SQUARE)
+  return (s.x - h, s.y - h, s.x + h, s.y + h)
+
+
+def regions(scene: Scene) -> list[dict]:
+  """Each shape's box and name ("red circle"): grounding regions (dvl_jax/data/regions.py)."""
+  return [{"box": [round(float(v), 2) for v in box(s)], "text": s.name} for s in scene.shapes]
+
+
 def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
   """The scene as an RGB image: each shape's colour jittered a little, then Gaussian noise of sigma 2 to 6."""
   image = Image.new("RGB", (scene.width, scene.height), scene.background)
@@ -126,14 +146,11 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
   for s in scene.shapes:
     fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[s.colour])
     if s.kind == "circle":
-      r = s.r * 0.85
-      draw.ellipse((s.x - r, s.y - r, s.x + r, s.y + r), fill=fill)
-    elif s.kind == "square":  # of about the circle's area; its corners just past the shape's circle, within GAP
-      h = s.r * 0.8
-      draw.rectangle((s.x - h, s.y - h, s.x + h, s.y + h), fill=fill)
-    else:  # an equilateral triangle, point up, its corners on its circle
-      angles = np.deg2rad([-90, 30, 150])
-      draw.polygon([(s.x + s.r * np.cos(a), s.y + s.r * np.sin(a)) for a in angles], fill=fill)
+      draw.ellipse(box(s), fill=fill)
+    elif s.kind == "square":
+      draw.rectangle(box(s), fill=fill)
+    else:
+      draw.polygon([(s.x + s.r * np.cos(a), s.y + s.r * np.sin(a)) for a in TRIANGLE], fill=fill)
   pixels = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(2, 6), (scene.height, scene.width, 1))
   return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
 
@@ -215,7 +232,8 @@ def split_seed(seed: int, split: str) -> int:
 def write_split(out_dir: str, split: str, count: int, seed: int) -> str:
   """`count` images of `split` under out_dir/images/split/ and their records in out_dir/split.jsonl: {"image",
   "conversations", "caption", "questions": [{"kind", "question", "answer"}]}; the same images with their
-  captions alone (caption_chat) in out_dir/split_captions.jsonl. Returns split.jsonl's path."""
+  captions alone (caption_chat) and each shape's box (`regions`, the grounding data of the recipe's stage 0) in
+  out_dir/split_captions.jsonl. Returns split.jsonl's path."""
   rng = np.random.default_rng(split_seed(seed, split))
   image_dir = os.path.join(out_dir, "images", split)
   os.makedirs(image_dir, exist_ok=True)
@@ -230,7 +248,7 @@ def write_split(out_dir: str, split: str, count: int, seed: int) -> str:
       record = {"image": name, "conversations": conversation(scene, qs, rng), "caption": caption(scene),
                 "questions": [dataclasses.asdict(q) for q in qs]}
       f.write(json.dumps(record) + "\n")
-      fc.write(json.dumps({"image": name, "conversations": caption_chat(scene)}) + "\n")
+      fc.write(json.dumps({"image": name, "conversations": caption_chat(scene), "regions": regions(scene)}) + "\n")
   os.replace(captions_path + ".partial", captions_path)
   os.replace(path + ".partial", path)
   return path
@@ -242,7 +260,7 @@ def training_texts(jsonl: str) -> list[str]:
     return [t["value"].replace("<image>\n", "") for line in f for t in json.loads(line)["conversations"]]
 
 
-def write_dataset(out_dir: str, *, train: int, eval: int, test: int, seed: int = 0, image_size: int = 128,
+def write_dataset(out_dir: str, *, train: int, eval: int, test: int, seed: int = 0, image_size: int = 64,
                   num_image_tokens: int = 64, vocab_size: int = 512) -> None:
   """The three splits and the processor (tokenizer trained on the training split's text)."""
   from dvl_jax.processing.tokenizer_training import write_processor  # pylint: disable=import-outside-toplevel
@@ -314,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--eval", type=int, default=200)
   p.add_argument("--test", type=int, default=500)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--image-size", type=int, default=128, help="the model's image size (the processor resizes to it)")
+  p.add_argument("--image-size", type=int, default=64, help="the model's image size (the processor resizes to it)")
   p.add_argument("--vocab-size", type=int, default=512)
   args = p.parse_args(argv)
   if os.path.exists(os.path.join(args.out_dir, "train.jsonl")):

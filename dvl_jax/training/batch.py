@@ -35,6 +35,8 @@ class Batch:
     positions: int [B, T] RoPE positions; None: from the attention mask, restarting at each segment.
     pixel_values: [B, N, S, S, 3] normalised images, N slots per row; None: text only.
     high_res_pixel_values: [B, N, S', S', 3], the same images for SAM (hybrid model only).
+    image_labels: int [B, T], the word target of each image token in a grounding region, IGNORE elsewhere
+      (dvl_jax/data/regions.py; only the region_words objective reads it); None: none.
   """
 
   input_ids: jax.Array
@@ -44,6 +46,7 @@ class Batch:
   positions: jax.Array | None = None
   pixel_values: jax.Array | None = None
   high_res_pixel_values: jax.Array | None = None
+  image_labels: jax.Array | None = None
 
   @property
   def rows(self) -> int:
@@ -103,12 +106,14 @@ def place_batch(plan: ShardingPlan, batch: Batch, *, microbatches: int = 1, rows
   elif rows % multiple:
     raise ValueError(f"place_batch: rows={rows} must be a multiple of {multiple} (this process's batch shards "
                      f"under {plan}, {plan.batch_multiple()}, times microbatches={microbatches}).")
-  fill = {name: value for name, value in (("labels", IGNORE), ("loss_mask", 0)) if arrays[name] is not None}
+  fill = {name: value for name, value in (("labels", IGNORE), ("loss_mask", 0), ("image_labels", IGNORE))
+          if arrays[name] is not None}
   return Batch(**plan.place(arrays, rows=rows, fill=fill))
 
 
 # The value of each [B, T] field at padding positions: not attended (segment 0), not learned.
-_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE, "loss_mask": 0, "positions": 1}
+_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE, "loss_mask": 0, "positions": 1,
+               "image_labels": IGNORE}
 
 
 def _pad_to(arrays: dict[str, Any], length: int, slots: int) -> dict[str, Any]:

@@ -84,7 +84,8 @@ class TrainSpec:
     steps: optimizer steps; the learning-rate schedule spans them.
     objective: what the run learns (dvl_jax.training.OBJECTIVES): "next_token", the answers' next-token
       cross-entropy (DeepSeek-VL's stages); "bag_of_words", the words of each sample's answers predicted from
-      its images alone (vision pretraining of a tower trained from scratch: training/bag_of_words.py).
+      its images alone; "region_words", each image token in a grounding region predicts the region's words
+      (vision pretraining of a tower trained from scratch: training/bag_of_words.py, region_words.py).
     run_dir: where checkpoints, metrics.jsonl, skipped.jsonl and the resolved config go.
     mesh: the device mesh (dvl_jax.ShardingPlan's spec, e.g. "fsdp=-1" or "data=2,fsdp=4"), over every device
       of every process.

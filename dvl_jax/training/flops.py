@@ -184,8 +184,9 @@ def train_step_flops(config: ModelConfig, trained: TrainedParts | OptimizerConfi
     images_per_row: images each row holds (each runs through the towers and the aligner).
     padded_vocab_size: lm_head's rows when a mesh pads the vocabulary (the matmul computes them); None: the
       config's vocab_size.
-    objective: "next_token", or "bag_of_words" (training/bag_of_words.py: no decoder layer runs; lm_head
-      scores the pooled image features at every position).
+    objective: "next_token"; "bag_of_words" (training/bag_of_words.py: no decoder layer runs; lm_head
+      scores the pooled image features at every position); "region_words" (region_words.py: lm_head scores
+      every image token's features, one position more than the image tokens per row).
   Returns:
     StepFlops.
   """
@@ -225,11 +226,12 @@ def train_step_flops(config: ModelConfig, trained: TrainedParts | OptimizerConfi
   grad_in = t.language_model or t.aligner or t.vision or t.high_res
   per_token = 2 * (c.embed_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
                    + c.num_heads * c.head_dim * c.embed_dim + 3 * c.embed_dim * c.mlp_dim)
-  layers = 0 if objective == "bag_of_words" else c.num_layers
+  layers = 0 if objective in ("bag_of_words", "region_words") else c.num_layers
+  scored = batch * (images_per_row * config.tokens_per_image + 1) if objective == "region_words" else tokens
   decoder = _times(t.language_model, grad_in) * layers * per_token * tokens
   attention = (3 if grad_in else 1) * layers * 4 * batch * seq_len**2 * c.num_heads * c.head_dim // 2
   vocab = padded_vocab_size or c.vocab_size
-  logits = _times(t.language_model, grad_in) * 2 * c.embed_dim * vocab * tokens
+  logits = _times(t.language_model, grad_in) * 2 * c.embed_dim * vocab * scored
   return StepFlops(decoder_weights=float(decoder), attention=float(attention), logits=float(logits),
                    vision=float(vision * images), aligner=float(aligner * images), tokens=tokens, images=images)
 

@@ -45,6 +45,7 @@ from dvl_jax.training.bag_of_words import bag_of_words_loss
 from dvl_jax.training.batch import Batch, batch_sharding, split_microbatches
 from dvl_jax.training.loss import TokenLoss, cross_entropy, make_labels
 from dvl_jax.training.optimizer import OptimizerConfig, make_optimizer, trainable_mask
+from dvl_jax.training.region_words import region_words_loss
 from dvl_jax.training.state import TrainState, abstract_train_state, shardings_of
 
 TOWERS = ("vision_model", "high_res_vision_model")  # SigLIP, SAM: the params behind `frozen_towers`
@@ -79,7 +80,8 @@ def loss_fn(params: Any, batch: Batch, module: DeepseekVL, *, chunk_size: int | 
 
 
 # The training objectives: name -> loss function.
-OBJECTIVES: dict[str, Callable[..., TokenLoss]] = {"next_token": loss_fn, "bag_of_words": bag_of_words_loss}
+OBJECTIVES: dict[str, Callable[..., TokenLoss]] = {"next_token": loss_fn, "bag_of_words": bag_of_words_loss,
+                                                   "region_words": region_words_loss}
 
 
 def objective_loss(objective: str) -> Callable[..., TokenLoss]:
@@ -124,8 +126,8 @@ def loss_and_grads(params: Any, batch: Batch, module: DeepseekVL, mask: Any = No
       gradients added, then divided once by the whole batch's count.
     chunk_size: as `loss_fn`.
     frozen_towers: as `loss_fn`; None: True exactly when the mask trains no SigLIP or SAM param.
-    objective: the loss, a name in OBJECTIVES: "next_token" (`loss_fn`) or "bag_of_words" (vision
-      pretraining, bag_of_words.py).
+    objective: the loss, a name in OBJECTIVES: "next_token" (`loss_fn`), "bag_of_words" or "region_words"
+      (vision pretraining: bag_of_words.py, region_words.py).
   Returns:
     (TokenLoss of the whole batch, gradients shaped like params, float32 for float32 params).
   """

@@ -157,3 +157,22 @@ def test_cli_explains_a_directory_it_cannot_write(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     shapes.main([str(tmp_path / "a_file" / "shapes"), "--train", "2", "--eval", "1", "--test", "1"])
   assert e.value.code == 2 and "cannot write the dataset to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_shapes_region_box_is_tight_around_its_drawn_pixels(seed):
+  """regions(scene): the pixels of a shape's colour around its box lie in it (within a pixel of antialiasing) and
+  reach each side of it."""
+  rng = np.random.default_rng(seed)
+  scene = shapes.sample_scene(rng, 3)
+  pixels = np.asarray(shapes.render(scene, rng), np.float32)
+  for s, region in zip(scene.shapes, shapes.regions(scene)):
+    assert region["text"] == s.name
+    x0, y0, x1, y1 = region["box"]
+    near = np.abs(pixels - np.asarray(shapes.COLOURS[s.colour])).max(-1) < 40  # [H, W]
+    window = np.zeros_like(near)  # the box and 2 px around it: this shape's pixels, not a neighbour's
+    window[max(0, int(y0) - 2):int(y1) + 3, max(0, int(x0) - 2):int(x1) + 3] = True
+    near &= window
+    ys, xs = np.nonzero(near)
+    assert x0 - 1 <= xs.min() <= x0 + 2 and x1 - 2 <= xs.max() + 1 <= x1 + 1, (s, region, xs.min(), xs.max())
+    assert y0 - 1 <= ys.min() <= y0 + 2 and y1 - 2 <= ys.max() + 1 <= y1 + 1, (s, region, ys.min(), ys.max())

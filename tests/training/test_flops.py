@@ -34,7 +34,8 @@ def _compiled_hlo(config, stage: str | OptimizerConfig, remat: str, objective: s
   batch = Batch(input_ids=jax.ShapeDtypeStruct((ROWS, SEQ), jnp.int32),
                 attention_mask=jax.ShapeDtypeStruct((ROWS, SEQ), jnp.int32),
                 pixel_values=image(config.vision.image_size),
-                high_res_pixel_values=image(config.high_res.image_size) if config.is_hybrid else None)
+                high_res_pixel_values=image(config.high_res.image_size) if config.is_hybrid else None,
+                image_labels=jax.ShapeDtypeStruct((ROWS, SEQ), jnp.int32) if objective == "region_words" else None)
   step = jit_train_step(DeepseekVL(config, remat_policy=remat), optimizer, chunk_size=None,  # plain loss
                         objective=objective)
   return step.lower(state, batch).compile().as_text()
@@ -83,14 +84,17 @@ def test_equals_the_compiled_steps_matmuls(case):
 
 
 @pytest.mark.slow
-def test_bag_of_words_runs_no_decoder_layer_and_equals_the_compiled_steps_matmuls():
-  """The tower and the aligner trained; lm_head (frozen) scores the pooled features at every position."""
+@pytest.mark.parametrize("objective", ["bag_of_words", "region_words"])
+def test_vision_pretraining_runs_no_decoder_layer_and_equals_the_compiled_steps_matmuls(objective):
+  """The tower and the aligner trained; lm_head (frozen) scores the pooled features at every position
+  (bag_of_words) or every image token's features and one position more (region_words)."""
   config = dvl_jax.tiny()
   optimizer = OptimizerConfig(learning_rate=1e-3, total_steps=10, trainable=("vision_model/.*", "aligner/.*"))
-  flops = train_step_flops(config, optimizer, batch=ROWS, seq_len=SEQ, objective="bag_of_words")
+  flops = train_step_flops(config, optimizer, batch=ROWS, seq_len=SEQ, objective=objective)
   assert flops.decoder_weights == flops.attention == 0 and flops.vision > 0
-  assert flops.logits == 2 * 2 * config.text.embed_dim * config.text.vocab_size * ROWS * SEQ  # forward, input grad
-  assert hlo_matmul_flops(_compiled_hlo(config, optimizer, "none", "bag_of_words")) == flops.total
+  scored = ROWS * (SEQ if objective == "bag_of_words" else config.tokens_per_image + 1)
+  assert flops.logits == 2 * 2 * config.text.embed_dim * config.text.vocab_size * scored  # forward, input grad
+  assert hlo_matmul_flops(_compiled_hlo(config, optimizer, "none", objective)) == flops.total
 
 
 def test_trained_weights_cost_six_flops_per_param_and_token():

@@ -1,6 +1,7 @@
 """configs/shapes/: the recipe of the shipped model, cut down (a small dataset, a few steps of each stage, its own
-YAML files with overrides), so that it cannot rot: the three stages run on the data they name (stages 1 and 2 the
-captions, stage 3 the chats), each from the export of the one before, and the loss falls."""
+YAML files with overrides), so that it cannot rot: the four stages run on the data they name (stage 0 the
+captions' grounding regions, stages 1 and 2 the captions, stage 3 the chats), each from the export of the one
+before, and the loss falls."""
 
 import os
 
@@ -15,14 +16,22 @@ from training.runs import ONE, ROOT, curve
 pytestmark = pytest.mark.slow
 
 
-def test_the_recipe_trains_its_three_stages_and_the_loss_falls(tmp_path):
+def test_the_recipe_trains_its_four_stages_and_the_loss_falls(tmp_path):
   data = tmp_path / "shapes"
   shapes.write_dataset(str(data), train=96, eval=8, test=0, seed=5)
   common = ["data.batch_size=8", "train.log_every=1", "train.checkpoint_every=100"]
   captions = common + [f"data.sources.0.path={data / 'train_captions.jsonl'}", "data.buckets=[128]"]
   chats = common + [f"data.sources.0.path={data / 'train.jsonl'}", "data.buckets=[192]"]
+  stage0 = load_experiment(os.path.join(ROOT, "configs/shapes/stage0_tower.yaml"), captions + [
+      f"model.processor={data / 'processor'}", f"train.run_dir={tmp_path / 'stage0'}", "train.steps=12",
+      "optimizer.warmup_steps=2"])
+  assert stage0.train.objective == "region_words"
+  assert train(stage0, progress=False, devices=ONE).export == str(tmp_path / "stage0" / "export")
+  losses = [loss for _, loss, _, _ in curve(tmp_path / "stage0")]
+  assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+
   stage1 = load_experiment(os.path.join(ROOT, "configs/shapes/stage1_aligner.yaml"), captions + [
-      f"model.processor={data / 'processor'}", f"train.run_dir={tmp_path / 'stage1'}", "train.steps=2",
+      f"model.init_from={tmp_path / 'stage0' / 'export'}", f"train.run_dir={tmp_path / 'stage1'}", "train.steps=2",
       "optimizer.warmup_steps=1"])
   assert train(stage1, progress=False, devices=ONE).export == str(tmp_path / "stage1" / "export")
 

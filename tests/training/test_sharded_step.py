@@ -126,15 +126,23 @@ def test_a_sharded_train_step_equals_one_device(one_device, mesh, strategy, micr
 
 
 @pytest.mark.slow
-def test_a_sharded_bag_of_words_step_equals_one_device(one_device):
-  """The vision-pretraining objective (training/bag_of_words.py) over fsdp and tensor with 2 microbatches: its
-  per-row pooling and the padded vocabulary's lm_head give the one-device losses and params."""
+@pytest.mark.parametrize("objective", ["bag_of_words", "region_words"])
+def test_a_sharded_vision_pretraining_step_equals_one_device(one_device, objective):
+  """The vision-pretraining objectives (training/bag_of_words.py, region_words.py) over fsdp and tensor with 2
+  microbatches: their per-row pooling or per-token targets and the padded vocabulary's lm_head give the
+  one-device losses and params."""
   params = one_device[0]
   optimizer = dataclasses.replace(OPTIMIZER, stage=None, trainable=("vision_model/.*", "aligner/.*"))
-  kw = dict(optimizer=optimizer, objective="bag_of_words")
-  want, want_metrics = _run(dvl_jax.Model(CONFIG, params), jax.tree.map(jax.numpy.asarray, _batch()), **kw)
+  batch = _batch()
+  if objective == "region_words":  # a word on ~half the image tokens
+    rng = np.random.default_rng(7)
+    words = rng.integers(0, CONFIG.text.vocab_size, batch.input_ids.shape)
+    labelled = (batch.input_ids == CONFIG.image_token_id) & (rng.random(words.shape) < 0.5)
+    batch = batch.replace(image_labels=np.where(labelled, words, -100).astype(np.int32))
+  kw = dict(optimizer=optimizer, objective=objective)
+  want, want_metrics = _run(dvl_jax.Model(CONFIG, params), jax.tree.map(jax.numpy.asarray, batch), **kw)
   plan = ShardingPlan("fsdp=4,tensor=2")
-  got, metrics = _run(dvl_jax.Model(CONFIG, params, plan=plan), _batch(), plan, 2, **kw)
+  got, metrics = _run(dvl_jax.Model(CONFIG, params, plan=plan), batch, plan, 2, **kw)
   for m, w in zip(metrics, want_metrics):
     assert m["tokens"] == w["tokens"] > 0
     for k in ("loss", "grad_norm"):
