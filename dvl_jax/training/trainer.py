@@ -225,7 +225,7 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
 
 def check_processor(processor: Processor, config: ModelConfig, where: str) -> None:
   """Raises ConfigError unless the processor's tokens are the model's: image tokens per image, the image token's
-  id, a vocabulary that fits the embedding."""
+  id, a vocabulary that fits the embedding, the image size."""
   tok, problems = processor.tokenizer, []
   if processor.image_config is not None and config.tokens_per_image != processor.num_image_tokens:
     problems.append(f"it gives {processor.num_image_tokens} tokens an image; the model takes {config.tokens_per_image}")
@@ -234,6 +234,9 @@ def check_processor(processor: Processor, config: ModelConfig, where: str) -> No
                     f"{config.image_token_id}")
   if tok.vocab_size > config.text.vocab_size:
     problems.append(f"its vocabulary has {tok.vocab_size} tokens; the model embeds {config.text.vocab_size}")
+  if processor.image_config is not None and processor.image_config.size != config.vision.image_size:
+    problems.append(f"it makes images of {processor.image_config.size} px; the model's tower takes "
+                    f"{config.vision.image_size}")
   if problems:
     raise ConfigError(f"The processor in {where!r} is not the model's: " + "; ".join(problems) +
                       ". model.processor (or init_from's tokenizer files) must be the model's own.")
@@ -408,11 +411,17 @@ def train(experiment: Experiment, *, progress: bool | None = None, log: Callable
     throughput = _Throughput(config, experiment, plan, module.padded_vocab_size)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     saved = step if start is not None else None
+    start_step = step
 
     def flush() -> None:
       if not pending:
         return
       values = jax.device_get([m for _, m in pending])
+      if t.objective == "region_words" and pending[0][0] == start_step + 1 and not any(v["tokens"] for v in values):
+        raise DataError(f"No image token of the first {len(values)} batch(es) lies in a grounding region, so "
+                        "region_words has nothing to learn: its sources' records need 'regions' ([{'box': [x0, y0, "
+                        "x1, y1], 'text': ...}], dvl_jax/data/regions.py), e.g. the shapes generator's "
+                        "*_captions.jsonl; data written by an older generator has none: write it anew.")
       for (s, _), v in zip(pending, values):
         extra = throughput.metrics() if s == pending[-1][0] else {}
         metrics_log.write(s, {**v, **extra, "skipped_records": data.report.skipped})

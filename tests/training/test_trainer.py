@@ -14,6 +14,7 @@ import yaml
 
 import dvl_jax
 from dvl_jax.training.experiment import load_experiment
+from dvl_jax.data.report import DataError
 from dvl_jax.training.metrics import read_metrics
 from dvl_jax.processing import Processor
 from dvl_jax.training.trainer import CHECKPOINTS, RUN_CONFIG, RunLock, export_run, sample_generation_config, train
@@ -128,11 +129,13 @@ def test_an_init_checkpoint_of_another_architecture_is_refused(run_files, tmp_pa
 
 
 def test_a_processor_that_is_not_the_models_is_refused(run_files, tmp_path):
-  """The shapes preset (64 tokens an image, <image_placeholder> at id 2) with the tiny model's tokenizer."""
+  """The shapes preset (64 tokens an image of 64 px, <image_placeholder> at id 2) with the tiny model's processor
+  (16 tokens, 32 px)."""
   experiment = _run(run_files, tmp_path, "run", ["model.init_from=null", "model.preset=shapes",
                                                  f"model.processor={run_files / 'init'}"])
   with pytest.raises(ConfigError, match=r"is not the model's: it gives 16 tokens an image; the model takes 64; its "
-                                        r"<image_placeholder> is id \d+; the model's image_token_id is 2"):
+                                        r"<image_placeholder> is id \d+; the model's image_token_id is 2(; [^;]*)?; it "
+                                        r"makes images of 32 px; the model's tower takes 64"):
     train(experiment, progress=False, devices=ONE)
   assert not os.path.exists(experiment.train.run_dir)
 
@@ -203,3 +206,13 @@ def test_a_bag_of_words_run_pretrains_the_tower_into_an_ordinary_export(run_file
   assert not any(k.startswith("language_model/") for k in moved)
   with pytest.raises(ConfigError, match=r"objective='bag_of_word' is not one of \('next_token', 'bag_of_words', "):
     _run(run_files, tmp_path, "typo", objective="bag_of_word")
+
+
+def test_region_words_on_data_without_regions_is_refused_at_its_first_log(run_files, tmp_path):
+  """The run's captions carry no 'regions': the first logged step has nothing learned, and the run says why."""
+  experiment = _run(run_files, tmp_path, "rw", ["optimizer.stage=null",
+                                                'optimizer.trainable=["vision_model/.*", "aligner/.*"]'],
+                    objective="region_words")
+  with pytest.raises(DataError, match=r"No image token of the first 1 batch\(es\) lies in a grounding region(.|\n)*"
+                                      r"records need 'regions'"):
+    train(experiment, progress=False, devices=ONE)
