@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-FIELDS = ("input_ids", "attention_mask", "positions", "loss_mask", "pixel_values")
+FIELDS = ("input_ids", "attention_mask", "positions", "loss_mask", "pixel_values", "image_labels")
 
 
 def data_config(data_dir: str, batch_size: int = 8):

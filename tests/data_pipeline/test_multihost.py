@@ -79,8 +79,9 @@ def test_two_processes_read_the_one_process_stream(tmp_path):
 
   config = data_config(str(data_dir))
   processor = Processor.from_pretrained(proc_dir)
-  fill = {"input_ids": processor.tokenizer.pad_token_id, "positions": 1}  # make_batch's padding; else 0
-  placed_fill = {"positions": 1}  # place_batch's padding of a shorter share: ids 0, masks 0, positions 1
+  # make_batch's padding, else 0; place_batch's of a shorter share: ids 0, masks 0, positions 1, no targets
+  fill = {"input_ids": processor.tokenizer.pad_token_id, "positions": 1, "image_labels": -100}
+  placed_fill = {"positions": 1, "image_labels": -100}
   one = DataIterator(config, processor, process_index=0, process_count=1)
   modalities, lengths = [], []
   for step in range(STEPS):
