@@ -76,11 +76,12 @@ def test_captions_name_the_shapes_left_to_right():
   assert shapes.listing(scene.shapes[:1]) == "a green triangle"
 
 
-def test_questions_have_the_right_answers():
+@pytest.mark.parametrize("ask", [shapes.questions, shapes.drill])
+def test_questions_have_the_right_answers(ask):
   seen = {k: set() for k in shapes.QUESTION_KINDS}
   for seed, scene in enumerate(SCENES):
     s = scene.shapes
-    for q in shapes.questions(scene, np.random.default_rng(seed)):
+    for q in ask(scene, np.random.default_rng(seed)):
       seen[q.kind].add(q.answer)
       if q.kind == "count":
         assert q.answer == ["one", "two", "three"][len(s) - 1]
@@ -116,6 +117,34 @@ def test_splits_are_deterministic_and_disjoint(tmp_path):
   assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
   asked = {t["value"].removeprefix("<image>\n") for t in turns[::2]}
   assert asked == {shapes.CAPTION_PROMPT} | {q["question"] for q in record["questions"]}
+  drills = [json.loads(line) for line in (a / "train_drill.jsonl").read_text().splitlines()]
+  assert [d["image"] for d in drills] == [f"images/train/{i:06d}.jpg" for i in range(12)]
+  assert (a / "train_drill.jsonl").read_text() == (b / "train_drill.jsonl").read_text()
+
+
+def test_the_drill_asks_every_question_a_scene_allows_and_leaves_the_other_files_as_they_were(tmp_path):
+  for seed, scene in enumerate(SCENES):
+    rng = np.random.default_rng(seed)
+    drill = shapes.drill(scene, rng)
+    by_kind = {k: [q for q in drill if q.kind == k] for k in shapes.QUESTION_KINDS}
+    kinds, names = [s.kind for s in scene.shapes], [s.name for s in scene.shapes]
+    assert len(by_kind["count"]) == 1
+    assert len(by_kind["colour"]) == sum(kinds.count(k) == 1 for k in shapes.KINDS)
+    assert len(by_kind["left"]) == sum(names.count(n) == 1 for n in names)
+    answers = sorted(q.answer for q in by_kind["exists"])
+    assert answers == ["no", "yes"] or (answers in (["yes"], ["yes", "yes"]) and len(set(kinds)) == 3)
+    assert len(set(drill)) == len(drill)
+    chat = shapes.conversation(None, drill, rng)
+    assert chat[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in chat) == 1
+    asked = [(t["value"].removeprefix("<image>\n"), a["value"]) for t, a in zip(chat[::2], chat[1::2])]
+    assert sorted(asked) == sorted((q.question, q.answer) for q in drill)
+  # The drill draws from a generator of its own: the chats, captions and images of a split are those the
+  # generator wrote before it (the first record of seed 0's test split, as tests/data/shapes_examples.jsonl).
+  shapes.write_split(str(tmp_path), "test", 2, seed=0)
+  with open(os.path.join(os.path.dirname(__file__), "..", "data", "shapes_examples.jsonl"), encoding="utf-8") as f:
+    first = json.loads(f.readline())
+  record = shapes.read_split(str(tmp_path / "test.jsonl"))[first["index"]]
+  assert (record["caption"], record["questions"]) == (first["caption"], first["questions"])
 
 
 def test_the_captions_file_pairs_each_image_with_its_caption_alone(tmp_path):

@@ -26,7 +26,7 @@ TABLE_4 = {
 
 
 def test_every_config_loads():
-  assert len(CONFIGS) == 11  # 3 + 3 DeepSeek-VL stages, tiny, the shapes recipe's 4
+  assert len(CONFIGS) == 12  # 3 + 3 DeepSeek-VL stages, tiny, the shapes recipe's 4 and its alternative stage 3
   for path in CONFIGS:
     load_experiment(path)
 

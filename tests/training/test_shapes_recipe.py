@@ -48,3 +48,12 @@ def test_the_recipe_trains_its_four_stages_and_the_loss_falls(tmp_path):
   losses = [loss for _, loss, _, _ in curve(tmp_path / "stage3")]
   assert len(losses) == 14 and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
   assert os.path.isfile(os.path.join(result.export, "tokenizer.json"))
+
+  # The alternative stage 3 (not shipped): the drill's chats and the captions, mixed.
+  drill = load_experiment(os.path.join(ROOT, "configs/shapes/stage3_drill.yaml"), common + [
+      f"data.sources.0.path={data / 'train_drill.jsonl'}", f"data.sources.1.path={data / 'train_captions.jsonl'}",
+      f"model.init_from={tmp_path / 'stage2' / 'export'}", f"train.run_dir={tmp_path / 'stage3_drill'}",
+      "train.steps=2", "optimizer.warmup_steps=1", "train.eval_every=0", "train.samples=[]",
+      f"eval_data.sources.0.path={data / 'eval_drill.jsonl'}"])
+  assert drill.optimizer.trainable and not any(t.startswith("vision") for t in drill.optimizer.trainable)
+  assert train(drill, progress=False, devices=ONE).export == str(tmp_path / "stage3_drill" / "export")
