@@ -63,6 +63,7 @@ def test_bad_kinds_and_tokenizers_are_refused():
     probe.main(["--tokenizer", os.path.join(ROOT, "README.md")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", probe.FRAMEWORKS)
 def test_a_few_steps_of_each_framework_report_their_scores(framework, tmp_path):
   out = tmp_path / "probe.jsonl"
